@@ -1,0 +1,39 @@
+"""supermachine: run any OCI/Docker image as an isolated microVM.
+
+Public API only; everything else is an implementation detail.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    AgentError,
+    Error,
+    ExecTimeout,
+    ImageError,
+    RegistryError,
+    SnapshotError,
+    VMError,
+)
+
+__all__ = [
+    "Error",
+    "ImageError",
+    "RegistryError",
+    "AgentError",
+    "VMError",
+    "ExecTimeout",
+    "SnapshotError",
+    "VM",
+    "ExecResult",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Imported lazily so `import supermachine` (and the CLI's start-up) stays cheap.
+    if name in ("VM", "ExecResult"):
+        from . import vm
+
+        return getattr(vm, name)
+    raise AttributeError(name)

@@ -1,0 +1,142 @@
+"""The one state directory: where caches, images and VM state live, and how they are written.
+
+Layout (all under ``Home.root``)::
+
+    blobs/sha256/<hex>          content-addressed blob store (layers, configs, manifests),
+                                shared by every image; the same layout as an OCI image layout
+    refs/<sha256 of ref>.json   reference -> manifest digest records (pulled/imported images)
+    rootfs/<config-hex>.sqfs    flattened root filesystems, keyed by the image config digest
+    guest/<key>/                guest kernel, modules and generated initramfs
+    snapshots/<key>/            snapshots (automatic and user-named)
+    vms/<name>/                 state of detached VMs
+    tmp/                        scratch space; every entry is removed by its owner, and
+                                entries of dead processes are swept on start
+
+``SUPERMACHINE_HOME`` overrides the root; otherwise ``$XDG_CACHE_HOME/supermachine``
+(default ``~/.cache/supermachine``).
+
+Everything is written atomically (write to a temp file in the same directory, fsync, rename)
+and guarded by ``flock`` locks so concurrent processes never see half-written entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Error
+
+
+def default_root() -> Path:
+    env = os.environ.get("SUPERMACHINE_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "supermachine"
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def default(cls) -> Home:
+        return cls(default_root())
+
+    def _dir(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Error(f"cannot create {path}: {e.strerror}") from e
+        return path
+
+    @property
+    def blobs(self) -> Path:
+        return self._dir("blobs", "sha256")
+
+    @property
+    def refs(self) -> Path:
+        return self._dir("refs")
+
+    @property
+    def rootfs(self) -> Path:
+        return self._dir("rootfs")
+
+    @property
+    def guest(self) -> Path:
+        return self._dir("guest")
+
+    @property
+    def snapshots(self) -> Path:
+        return self._dir("snapshots")
+
+    @property
+    def vms(self) -> Path:
+        return self._dir("vms")
+
+    @property
+    def tmp(self) -> Path:
+        return self._dir("tmp")
+
+    def blob_path(self, digest: str) -> Path:
+        """Path of a blob in the store; ``digest`` must already be validated."""
+        algo, _, hexpart = digest.partition(":")
+        if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+            raise Error(f"invalid digest {digest!r}")
+        return self.blobs / hexpart
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an flock on ``path`` (created if missing) for the duration of the block.
+
+    flock locks die with their process, so a crashed or killed holder never wedges others.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path next to ``final``; on success it is fsynced and renamed into place.
+
+    On any exception (Ctrl-C included) the temp file is removed, so no half-written
+    entry is ever visible under the final name.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{final.name}-", suffix=suffix)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(final: Path, data: bytes, mode: int = 0o644) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+        os.chmod(tmp, mode)
+
+
+def disk_full_message(e: OSError, what: Path) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"out of disk space while writing {what}; free some space (try `supermachine prune`)"
+    return f"cannot write {what}: {e.strerror or e}"
