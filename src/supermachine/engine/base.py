@@ -1,0 +1,82 @@
+"""The engine interface: what the VM layer needs from a virtual machine monitor.
+
+Nothing above engine/ knows which monitor runs a VM. Booting and restoring are one path:
+a `MachineConfig` says where the machine's state comes from (a kernel boot, or a saved
+device state plus a memory file), and `Engine.launch` starts it.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    kernel: Path
+    initrd: Path
+    cmdline: tuple[str, ...]
+    rootfs: Path  # read-only disk image (the image's squashfs), the guest's /dev/vda
+    memory_mib: int = 512
+    cpus: int = 1
+    accel: str = "tcg"
+    # Snapshots: guest RAM lives in this file. Shared mapping while baking (so the file holds
+    # RAM when we save); private copy-on-write mapping when restoring (clones share pages).
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    # Restore: load device state from this file instead of booting the kernel.
+    incoming_state: Path | None = None
+    verbose: bool = False
+
+
+class Machine(abc.ABC):
+    """A running virtual machine; owns its monitor process and every fd it was given."""
+
+    #: host end of the agent channel (the guest's `sm.agent` port)
+    agent: socket.socket
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int: ...
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the monitor to exit; its exit status, or None on timeout."""
+
+    @abc.abstractmethod
+    def poll(self) -> int | None:
+        """Exit status if the monitor has exited, else None."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Stop the machine now and release everything it holds. Idempotent."""
+
+    @abc.abstractmethod
+    def console_tail(self) -> str:
+        """The last lines the guest console and the monitor printed (for error messages)."""
+
+    @abc.abstractmethod
+    def pause(self) -> None: ...
+
+    @abc.abstractmethod
+    def resume(self) -> None: ...
+
+    @abc.abstractmethod
+    def save_state(self, path: Path) -> None:
+        """Save device state (not RAM, which lives in the shared memory file) to ``path``.
+
+        The machine must be paused and must have been launched with a shared memory file.
+        """
+
+
+class Engine(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def launch(self, config: MachineConfig) -> Machine: ...
+
+    @abc.abstractmethod
+    def version(self) -> str:
+        """Identifies the monitor build; part of every snapshot's fingerprint."""

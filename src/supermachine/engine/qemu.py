@@ -1,0 +1,252 @@
+"""QEMU `microvm` as the engine: command line, process lifetime, QMP control, snapshots.
+
+The machine gets no files of its own: every channel is a socketpair end passed as an fd
+(agent port, QMP, console), so nothing is left on disk if we die, and there is no race
+between QEMU creating a socket and us connecting to it. QEMU runs in its own process group
+(the terminal's Ctrl-C reaches us, not it) with PR_SET_PDEATHSIG=SIGKILL, so it dies with the
+thread that launched it even when this process is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import functools
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+from ..errors import EngineError
+from .base import Engine, Machine, MachineConfig
+from .qmp import QMPClient
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+CONSOLE_KEEP = 64 * 1024  # bytes of console output kept for error messages
+
+
+def qemu_binary() -> str:
+    override = os.environ.get("SUPERMACHINE_QEMU")
+    found = override or shutil.which("qemu-system-x86_64")
+    if not found:
+        raise EngineError("qemu-system-x86_64 not found; install it (Debian: apt-get install "
+                          "qemu-system-x86) or set SUPERMACHINE_QEMU")
+    return found
+
+
+def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: int,
+                  console_fd: int, state_fd: int | None = None) -> list[str]:
+    """The QEMU command line for ``config`` (pure: unit-tested without starting anything)."""
+    machine = ["microvm", "x-option-roms=off", "isa-serial=on", "rtc=on", "pit=off", "pic=off"]
+    mem = f"{config.memory_mib}M"
+    if config.memory_file is not None:
+        machine.append("memory-backend=mem")
+    cmd = [
+        qemu,
+        "-M", ",".join(machine),
+        "-accel", "kvm" if config.accel == "kvm" else "tcg",
+        "-cpu", "host" if config.accel == "kvm" else "max",
+        "-m", mem,
+        "-smp", str(config.cpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(config.kernel),
+        "-initrd", str(config.initrd),
+        "-append", " ".join(config.cmdline),
+        "-chardev", f"socket,id=con,fd={console_fd}",
+        "-serial", "chardev:con",
+        "-chardev", f"socket,id=qmp,fd={qmp_fd}",
+        "-mon", "chardev=qmp,mode=control",
+        "-drive", f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,fd={agent_fd}",
+        "-device", "virtserialport,chardev=agent,name=sm.agent",
+        "-device", "virtio-rng-device",
+    ]
+    if config.memory_file is not None:
+        share = "on" if config.memory_shared else "off"
+        cmd += ["-object", f"memory-backend-file,id=mem,size={mem},"
+                           f"mem-path={config.memory_file},share={share}"]
+    if config.incoming_state is not None:
+        if state_fd is None:
+            raise ValueError("restoring needs the state file's fd")
+        # Migration capabilities are properties of the migration object, so the restore
+        # needs no QMP round-trip: QEMU loads the state and runs the guest on its own.
+        cmd += ["-global", "migration.x-ignore-shared=on", "-incoming", f"fd:{state_fd}"]
+    return cmd
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _child_setup() -> None:
+    # Runs in the forked child before exec: die with the launching thread, and keep the
+    # terminal's signals (Ctrl-C) away from QEMU: the VM owner decides when it stops.
+    _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.setpgid(0, 0)
+
+
+class _Console:
+    """Drains the guest console (and QEMU's stderr) so QEMU never blocks writing it."""
+
+    def __init__(self, sock: socket.socket, echo: bool):
+        self._sock = sock
+        self._echo = echo
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="vm-console", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                chunk = self._sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            if self._echo:
+                os.write(2, chunk)
+            with self._lock:
+                self._tail.append(chunk)
+                self._size += len(chunk)
+                while self._size > CONSOLE_KEEP and len(self._tail) > 1:
+                    self._size -= len(self._tail.popleft())
+
+    def tail(self) -> str:
+        self._thread.join(timeout=0.2)
+        with self._lock:
+            data = b"".join(self._tail)
+        return data.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class QemuMachine(Machine):
+    def __init__(self, config: MachineConfig, qemu: str):
+        self.config = config
+        agent_host, agent_guest = socket.socketpair()
+        qmp_host, qmp_guest = socket.socketpair()
+        con_host, con_guest = socket.socketpair()
+        passed = [agent_guest, qmp_guest, con_guest]
+        state_fd = None
+        state_file = None
+        try:
+            if config.incoming_state is not None:
+                state_file = open(config.incoming_state, "rb")  # noqa: SIM115 (closed below)
+                state_fd = state_file.fileno()
+            cmd = build_command(config, qemu=qemu, agent_fd=agent_guest.fileno(),
+                                qmp_fd=qmp_guest.fileno(), console_fd=con_guest.fileno(),
+                                state_fd=state_fd)
+            log.debug("qemu command: %s", shlex.join(cmd))
+            fds = [s.fileno() for s in passed] + ([state_fd] if state_fd is not None else [])
+            try:
+                self._proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=con_guest.fileno(),
+                    stderr=con_guest.fileno(), pass_fds=fds, preexec_fn=_child_setup,
+                )
+            except OSError as e:
+                raise EngineError(f"cannot start {qemu}: {e.strerror}") from e
+        except BaseException:
+            for s in (agent_host, qmp_host, con_host):
+                s.close()
+            raise
+        finally:
+            for s in passed:
+                s.close()
+            if state_file is not None:
+                state_file.close()
+        self.agent = agent_host
+        self._console = _Console(con_host, echo=config.verbose)
+        self._qmp = QMPClient(qmp_host)
+        self._qmp_ready = False
+        self._closed = False
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _control(self) -> QMPClient:
+        if not self._qmp_ready:
+            self._qmp.handshake()
+            self._qmp_ready = True
+        return self._qmp
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def console_tail(self) -> str:
+        return self._console.tail()
+
+    def pause(self) -> None:
+        self._control().execute("stop")
+
+    def resume(self) -> None:
+        self._control().execute("cont")
+
+    def save_state(self, path: Path) -> None:
+        qmp = self._control()
+        qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            qmp.send_fd("getfd", {"fdname": "snapshot"}, fd)
+        finally:
+            os.close(fd)
+        qmp.execute("migrate", {"uri": "fd:snapshot"})
+        while True:
+            status = qmp.execute("query-migrate").get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise EngineError(f"saving the VM state failed ({status})")
+            qmp.wait_event("MIGRATION", timeout=30)
+
+    def kill(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._proc.poll() is None:
+            try:
+                os.kill(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._proc.wait()
+        for closer in (self.agent.close, self._qmp.close, self._console.close):
+            try:
+                closer()
+            except OSError:
+                pass
+
+
+class QemuEngine(Engine):
+    name = "qemu"
+
+    def __init__(self) -> None:
+        self._qemu = qemu_binary()
+
+    def launch(self, config: MachineConfig) -> Machine:
+        return QemuMachine(config, self._qemu)
+
+    @functools.cache  # noqa: B019 (one engine per process; the version never changes)
+    def version(self) -> str:
+        out = subprocess.run([self._qemu, "--version"], capture_output=True, text=True,
+                             check=False).stdout
+        return out.splitlines()[0].strip() if out else "unknown"

@@ -1,0 +1,114 @@
+"""A small QMP (QEMU Machine Protocol) client over an already-connected socket.
+
+QMP is newline-delimited JSON: a greeting, then ``qmp_capabilities``, then commands whose
+replies are ``{"return": ...}`` or ``{"error": ...}``, interleaved with ``{"event": ...}``
+messages. QEMU is trusted less than our own code but more than the guest; lines are still
+capped so a broken QEMU cannot make us buffer without bound.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from ..errors import EngineError
+
+MAX_LINE = 1 << 20
+
+
+class QMPClient:
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._buf = b""
+        self.events: list[dict[str, Any]] = []
+
+    def _read_message(self, deadline: float) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EngineError("QEMU did not answer on its control socket in time")
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                raise EngineError(f"lost QEMU's control socket: {e}") from e
+            if not chunk:
+                raise EngineError("QEMU closed its control socket (it exited)")
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE:
+                raise EngineError("QEMU sent an oversized QMP message")
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            msg = json.loads(line)
+        except ValueError as e:
+            raise EngineError(f"QEMU sent malformed QMP: {line[:80]!r}") from e
+        if not isinstance(msg, dict):
+            raise EngineError("QEMU sent a QMP message that is not an object")
+        return msg
+
+    def handshake(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        greeting = self._read_message(deadline)
+        if "QMP" not in greeting:
+            raise EngineError("QEMU's control socket did not greet with QMP")
+        self.execute("qmp_capabilities", timeout=timeout)
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                timeout: float = 30.0) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        try:
+            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as e:
+            raise EngineError(f"lost QEMU's control socket: {e}") from e
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read_message(deadline)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                err = reply["error"]
+                desc = err.get("desc", err) if isinstance(err, dict) else err
+                raise EngineError(f"QEMU refused {command}: {desc}")
+            if "return" in reply:
+                return reply["return"]
+
+    def send_fd(self, command: str, arguments: dict[str, Any], fd: int,
+                timeout: float = 30.0) -> Any:
+        """Run ``command`` with ``fd`` attached (SCM_RIGHTS), as ``getfd`` and ``add-fd`` need."""
+        msg = json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n"
+        try:
+            socket.send_fds(self._sock, [msg], [fd])
+        except OSError as e:
+            raise EngineError(f"lost QEMU's control socket: {e}") from e
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read_message(deadline)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise EngineError(f"QEMU refused {command}: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]
+
+    def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
+        for i, ev in enumerate(self.events):
+            if ev.get("event") == name:
+                return self.events.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._read_message(deadline)
+            if msg.get("event") == name:
+                return msg
+            if "event" in msg:
+                self.events.append(msg)
+
+    def close(self) -> None:
+        self._sock.close()

@@ -1,0 +1,110 @@
+"""What to run in the guest: the image config combined with the user's overrides, docker's way.
+
+Pure functions, no I/O, so the docker semantics are unit-tested on their own:
+- ``--entrypoint`` replaces Entrypoint and drops the image's Cmd; CMD arguments replace Cmd.
+- ``-e KEY=VALUE`` overrides or adds; ``-e KEY`` copies KEY from the caller's environment
+  (and is dropped if the caller has none), as docker does.
+- ``-w`` replaces WorkingDir (default ``/``); ``-u`` replaces User (default root).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Workload:
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str
+    user: str
+
+
+def merge_env(base: Iterable[str], overrides: Iterable[str],
+              caller_env: Mapping[str, str]) -> tuple[str, ...]:
+    """Apply ``KEY=VALUE`` / ``KEY`` overrides on top of ``base``, keeping first-seen order."""
+    merged: dict[str, str] = {}
+    for item in base:
+        key, sep, value = item.partition("=")
+        if key and sep:
+            merged[key] = value
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise UsageError(f"invalid environment variable {item!r}: expected KEY=VALUE")
+        if "\0" in item:
+            raise UsageError("environment variables cannot contain NUL bytes")
+        if sep:
+            merged[key] = value
+        elif key in caller_env:
+            merged[key] = caller_env[key]
+    if "PATH" not in merged:
+        merged["PATH"] = DEFAULT_PATH
+    return tuple(f"{k}={v}" for k, v in merged.items())
+
+
+def resolve(*, entrypoint: Sequence[str], cmd: Sequence[str], env: Sequence[str],
+            working_dir: str, user: str,
+            entrypoint_override: str | Sequence[str] | None = None,
+            cmd_override: Sequence[str] | None = None,
+            env_overrides: Iterable[str] = (),
+            workdir_override: str | None = None,
+            user_override: str | None = None,
+            caller_env: Mapping[str, str] | None = None) -> Workload:
+    if entrypoint_override is not None:
+        ep = [entrypoint_override] if isinstance(entrypoint_override, str) \
+            else list(entrypoint_override)
+        ep = [part for part in ep if part != ""]
+        base_cmd: Sequence[str] = []  # docker: a new entrypoint resets the image's Cmd
+    else:
+        ep = list(entrypoint)
+        base_cmd = cmd
+    args = list(cmd_override) if cmd_override else list(base_cmd)
+    argv = tuple(ep + args)
+    if not argv:
+        raise UsageError("no command specified: the image has no Entrypoint or Cmd; "
+                         "give one after the image name")
+    cwd = workdir_override if workdir_override is not None else (working_dir or "/")
+    if not cwd.startswith("/"):
+        raise UsageError(f"working directory {cwd!r} must be an absolute path")
+    return Workload(
+        argv=argv,
+        env=merge_env(env, env_overrides, caller_env if caller_env is not None else {}),
+        cwd=cwd,
+        user=user_override if user_override is not None else (user or "root"),
+    )
+
+
+def parse_memory(text: str | int) -> int:
+    """``512M``, ``1g``, ``268435456`` (bytes) or an int of MiB -> MiB."""
+    if isinstance(text, int):
+        mib = text
+    else:
+        s = text.strip().lower().removesuffix("b")
+        units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+        try:
+            if s and s[-1] in units:
+                mib = int(float(s[:-1]) * units[s[-1]])
+            else:
+                mib = int(s) // (1024 * 1024)
+        except ValueError:
+            raise UsageError(f"invalid memory size {text!r}: use e.g. 512M or 2G") from None
+    if not 64 <= mib <= 1024 * 1024:
+        raise UsageError(f"memory size {text!r} out of range: use 64M to 1T")
+    return mib
+
+
+def parse_cpus(value: str | int | float) -> int:
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid CPU count {value!r}") from None
+    cpus = max(1, int(n + 0.999))  # docker allows fractions; a VM gets whole vCPUs
+    if cpus > 64:
+        raise UsageError(f"CPU count {value!r} out of range: 1 to 64")
+    return cpus

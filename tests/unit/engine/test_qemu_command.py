@@ -1,0 +1,69 @@
+"""The QEMU command line for boots and restores (no QEMU started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from supermachine.engine.base import MachineConfig
+from supermachine.engine.qemu import build_command
+
+
+def config(**kw) -> MachineConfig:
+    base = dict(kernel=Path("/k/vmlinuz"), initrd=Path("/k/initrd"),
+                cmdline=("console=ttyS0", "quiet"), rootfs=Path("/c/root.sqfs"))
+    base.update(kw)
+    return MachineConfig(**base)
+
+
+def opt_values(cmd: list[str], flag: str) -> list[str]:
+    return [cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
+
+
+def test_boot_command_uses_microvm_tcg_and_fd_channels():
+    cmd = build_command(config(memory_mib=256, cpus=2), qemu="qemu", agent_fd=5, qmp_fd=6,
+                        console_fd=7)
+    assert cmd[0] == "qemu"
+    assert opt_values(cmd, "-M")[0].startswith("microvm,")
+    assert opt_values(cmd, "-accel") == ["tcg"]
+    assert opt_values(cmd, "-m") == ["256M"]
+    assert opt_values(cmd, "-smp") == ["2"]
+    assert opt_values(cmd, "-append") == ["console=ttyS0 quiet"]
+    chardevs = opt_values(cmd, "-chardev")
+    assert "socket,id=agent,fd=5" in chardevs
+    assert "socket,id=qmp,fd=6" in chardevs
+    assert "socket,id=con,fd=7" in chardevs
+    assert "virtserialport,chardev=agent,name=sm.agent" in opt_values(cmd, "-device")
+    drive = opt_values(cmd, "-drive")[0]
+    assert "file=/c/root.sqfs" in drive and "readonly=on" in drive
+    assert "-incoming" not in cmd and "-object" not in cmd
+
+
+def test_kvm_uses_host_cpu():
+    cmd = build_command(config(accel="kvm"), qemu="q", agent_fd=3, qmp_fd=4, console_fd=5)
+    assert opt_values(cmd, "-accel") == ["kvm"]
+    assert opt_values(cmd, "-cpu") == ["host"]
+
+
+def test_bake_maps_memory_file_shared():
+    cmd = build_command(config(memory_file=Path("/s/mem"), memory_shared=True, memory_mib=128),
+                        qemu="q", agent_fd=3, qmp_fd=4, console_fd=5)
+    assert "memory-backend=mem" in opt_values(cmd, "-M")[0]
+    obj = opt_values(cmd, "-object")[0]
+    assert obj.startswith("memory-backend-file,id=mem,size=128M,")
+    assert "mem-path=/s/mem" in obj and obj.endswith("share=on")
+
+
+def test_restore_maps_memory_private_and_loads_state_from_fd():
+    cmd = build_command(config(memory_file=Path("/s/mem"), incoming_state=Path("/s/state")),
+                        qemu="q", agent_fd=3, qmp_fd=4, console_fd=5, state_fd=9)
+    assert opt_values(cmd, "-object")[0].endswith("share=off")
+    assert opt_values(cmd, "-incoming") == ["fd:9"]
+    assert "migration.x-ignore-shared=on" in opt_values(cmd, "-global")
+
+
+def test_restore_without_state_fd_is_a_programming_error():
+    with pytest.raises(ValueError):
+        build_command(config(incoming_state=Path("/s/state")), qemu="q", agent_fd=3,
+                      qmp_fd=4, console_fd=5)

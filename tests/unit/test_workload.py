@@ -1,0 +1,79 @@
+"""Docker's rules for combining the image config with run-time overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from supermachine.errors import UsageError
+from supermachine.workload import DEFAULT_PATH, parse_cpus, parse_memory, resolve
+
+IMAGE = dict(entrypoint=("/entry",), cmd=("--serve",), env=("A=1", "PATH=/bin"),
+             working_dir="/app", user="app")
+
+
+def test_image_defaults():
+    w = resolve(**IMAGE)
+    assert w.argv == ("/entry", "--serve")
+    assert w.env == ("A=1", "PATH=/bin")
+    assert w.cwd == "/app" and w.user == "app"
+
+
+def test_cmd_override_replaces_cmd_keeps_entrypoint():
+    assert resolve(**IMAGE, cmd_override=["x", "y"]).argv == ("/entry", "x", "y")
+
+
+def test_entrypoint_override_drops_image_cmd():
+    assert resolve(**IMAGE, entrypoint_override="/bin/sh").argv == ("/bin/sh",)
+    assert resolve(**IMAGE, entrypoint_override="/bin/sh",
+                   cmd_override=["-c", "true"]).argv == ("/bin/sh", "-c", "true")
+
+
+def test_empty_entrypoint_override_resets_entrypoint():
+    assert resolve(**IMAGE, entrypoint_override="", cmd_override=["ls"]).argv == ("ls",)
+
+
+def test_env_overrides_and_passthrough():
+    w = resolve(**IMAGE, env_overrides=["A=2", "B=x=y", "HOMEISH", "MISSING"],
+                caller_env={"HOMEISH": "/h"})
+    assert w.env == ("A=2", "PATH=/bin", "B=x=y", "HOMEISH=/h")
+
+
+def test_default_path_added_when_image_has_none():
+    w = resolve(entrypoint=(), cmd=("sh",), env=(), working_dir="", user="")
+    assert w.env == (f"PATH={DEFAULT_PATH}",)
+    assert w.cwd == "/" and w.user == "root"
+
+
+def test_no_command_is_a_usage_error():
+    with pytest.raises(UsageError, match="no command"):
+        resolve(entrypoint=(), cmd=(), env=(), working_dir="", user="")
+
+
+def test_relative_workdir_rejected():
+    with pytest.raises(UsageError, match="absolute"):
+        resolve(**IMAGE, workdir_override="rel")
+
+
+def test_bad_env_rejected():
+    with pytest.raises(UsageError):
+        resolve(**IMAGE, env_overrides=["=x"])
+
+
+@pytest.mark.parametrize("text,mib", [("512M", 512), ("1g", 1024), ("2GB", 2048),
+                                       (str(256 * 1024 * 1024), 256), (128, 128)])
+def test_parse_memory(text, mib):
+    assert parse_memory(text) == mib
+
+
+@pytest.mark.parametrize("text", ["lots", "1M", "-5G", ""])
+def test_parse_memory_rejects(text):
+    with pytest.raises(UsageError):
+        parse_memory(text)
+
+
+def test_parse_cpus():
+    assert parse_cpus("1") == 1 and parse_cpus("1.5") == 2 and parse_cpus(0.5) == 1
+    with pytest.raises(UsageError):
+        parse_cpus("many")
+    with pytest.raises(UsageError):
+        parse_cpus(100)
