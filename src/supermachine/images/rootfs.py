@@ -1,0 +1,101 @@
+"""Build an image's squashfs root filesystem once, into the content-addressed rootfs cache.
+
+``<home>/rootfs/<config hex>.sqfs``: the config digest names the exact layer list (its
+``rootfs.diff_ids``), so it is a sound cache key. The flattened tar stream is piped into
+``tar2sqfs`` (squashfs-tools-ng, rootless), which writes a temp file renamed into place only
+after both sides succeeded, under a lock so racing processes build it once.
+
+Compression: lz4. Under TCG every guest CPU cycle is emulated, so decompression speed
+dominates reads from a page-cached image file; lz4 decompresses several times faster than
+zstd/xz for a ~25-40% larger file (python fixture: lz4 67 MiB / 3.3 s build, zstd 49 MiB,
+xz 41 MiB / 12 s). The default 128 KiB block size is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+from ..errors import ImageError
+from ..home import Home, atomic_path, disk_full_message, file_lock
+from .flatten import flatten
+from .model import Image
+
+TAR2SQFS = "tar2sqfs"
+COMPRESSOR = "lz4"
+BLOCK_SIZE = 131072
+_STDERR_CAP = 64 << 10
+
+
+def rootfs_path(image: Image, home: Home) -> Path:
+    return home.rootfs / f"{image.config_hex}.sqfs"
+
+
+def ensure_rootfs(image: Image, home: Home) -> Path:
+    """The cached squashfs of ``image``, building it if no other process has."""
+    final = rootfs_path(image, home)
+    if final.exists():
+        return final
+    with file_lock(home.rootfs / f".{image.config_hex}.lock"):
+        if final.exists():  # another process built it while we waited
+            return final
+        build_squashfs(image, final)
+    return final
+
+
+def build_squashfs(image: Image, final: Path) -> None:
+    """Flatten ``image`` into a squashfs at ``final`` (atomically: whole file or nothing)."""
+    exe = shutil.which(TAR2SQFS)
+    if exe is None:
+        raise ImageError("tar2sqfs not found; install squashfs-tools-ng (apt install it)")
+    try:
+        with atomic_path(final, suffix=".sqfs") as tmp:
+            _run_tar2sqfs(exe, image, tmp)
+    except OSError as e:
+        raise ImageError(disk_full_message(e, final)) from e
+
+
+def _run_tar2sqfs(exe: str, image: Image, tmp: Path) -> None:
+    cmd = [exe, "--quiet", "--force", "--no-skip", "-c", COMPRESSOR, "-b", str(BLOCK_SIZE)]
+    cmd += ["-j", str(max(1, min(4, os.cpu_count() or 1))), str(tmp)]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    stderr = bytearray()
+    # Drain stderr concurrently so a chatty tar2sqfs can never block on a full pipe.
+    reader = threading.Thread(target=_read_capped, args=(proc, stderr), daemon=True)
+    reader.start()
+    assert proc.stdin is not None
+    try:
+        try:
+            flatten(image.layers, proc.stdin)
+        except BrokenPipeError:
+            pass  # tar2sqfs died; its exit status and stderr say why (below)
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        reader.join()
+    if rc != 0:
+        msg = bytes(stderr).decode("utf-8", "replace").strip().splitlines()
+        last = msg[-1] if msg else f"exit status {rc}"
+        if "No space left" in last or "ENOSPC" in last:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise ImageError(f"tar2sqfs failed building the root filesystem of {image.name}: {last}")
+
+
+def _read_capped(proc: subprocess.Popen[bytes], into: bytearray) -> None:
+    assert proc.stderr is not None
+    for chunk in iter(lambda: proc.stderr.read(4096), b""):  # type: ignore[union-attr]
+        if len(into) < _STDERR_CAP:
+            into += chunk
