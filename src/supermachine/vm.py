@@ -1,0 +1,265 @@
+"""A VM: an image booted in a microVM, with the agent channel to run commands in it.
+
+`VM` composes the layers (image -> root filesystem -> guest assets -> engine -> agent) and
+owns everything it starts, Trio-nursery style: leaving ``with``, an exception, Ctrl-C or
+close() kills QEMU, stops the threads and closes every fd. The QEMU process also carries
+PR_SET_PDEATHSIG, so even a SIGKILLed host process leaves no VM behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from .agent.client import AgentClient, ExecResult, ExitStatus, Process
+from .agent.protocol import Stream
+from .errors import AgentError, Error, UsageError, VMError
+from .home import Home
+from .workload import parse_cpus, parse_memory, resolve
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VM", "ExecResult", "ExitStatus", "Process"]
+
+DEFAULT_BOOT_TIMEOUT = 120.0  # TCG on a loaded 2-core machine can be slow; KVM takes <1 s
+
+
+def _boot_failure_summary(console: str) -> str:
+    """The most telling line of a failed boot's console output."""
+    lines = [ln.strip() for ln in console.splitlines() if ln.strip()]
+    for marker in ("sm-init: fatal", "Kernel panic", "qemu-system", "qemu:"):
+        for line in reversed(lines):
+            if marker in line:
+                return line
+    return lines[-1] if lines else "no console output"
+
+
+class VM:
+    """A microVM running an OCI image.
+
+    ``image`` is anything `supermachine run` accepts (an OCI layout directory, an oci- or
+    docker-archive, prefixed references). The VM boots on `start()` (or entering ``with``)
+    and is destroyed on `close()`; writes to its root filesystem vanish with it.
+    """
+
+    def __init__(
+        self,
+        image: str | os.PathLike[str],
+        *,
+        memory: str | int = "512M",
+        cpus: int | str = 1,
+        accel: str | None = None,
+        kernel: str | os.PathLike[str] | None = None,
+        initrd: str | os.PathLike[str] | None = None,
+        home: Home | str | os.PathLike[str] | None = None,
+        verbose: bool = False,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> None:
+        self._image_ref = os.fspath(image)
+        self.memory_mib = parse_memory(memory)
+        self.cpus = parse_cpus(cpus)
+        self._accel_request = accel
+        self._kernel = Path(kernel) if kernel is not None else None
+        self._initrd = Path(initrd) if initrd is not None else None
+        if (self._kernel is None) != (self._initrd is None):
+            raise UsageError("--kernel and --initrd go together: give both or neither")
+        self.home = home if isinstance(home, Home) else Home(Path(home)) if home else \
+            Home.default()
+        self._verbose = verbose
+        self._boot_timeout = boot_timeout
+        self._notice = on_notice or (lambda msg: log.info("%s", msg))
+        self._stack: contextlib.ExitStack | None = None
+        self._client: AgentClient | None = None
+        self._machine = None
+        self.image = None
+        self.accel = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> VM:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> VM:
+        if self._stack is not None:
+            raise VMError("the VM is already started")
+        stack = contextlib.ExitStack()
+        self._stack = stack
+        try:
+            self._boot(stack)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _boot(self, stack: contextlib.ExitStack) -> None:
+        from .engine.accel import choose
+        from .engine.base import MachineConfig
+        from .engine.qemu import QemuEngine
+        from .guest.assets import ensure_guest_assets
+        from .images import ensure_rootfs, open_image
+
+        t0 = time.monotonic()
+        self.image = open_image(self._image_ref, self.home)
+        rootfs = ensure_rootfs(self.image, self.home)
+        assets = ensure_guest_assets(self.home, kernel=self._kernel, initrd=self._initrd)
+        self.accel = choose(self._accel_request)
+        if not self.accel.hardware:
+            self._notice(self.accel.reason)
+        config = MachineConfig(
+            kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline,
+            rootfs=rootfs, memory_mib=self.memory_mib, cpus=self.cpus,
+            accel=self.accel.name, verbose=self._verbose,
+        )
+        t1 = time.monotonic()
+        machine = QemuEngine().launch(config)
+        self._machine = machine
+        stack.callback(machine.kill)
+        client = AgentClient(machine.agent)
+        self._client = client
+        stack.callback(client.close)
+        threading.Thread(target=self._watch, args=(machine, client), name="vm-watch",
+                         daemon=True).start()
+        try:
+            client.hello(self._boot_timeout, time_ns=time.time_ns(), entropy=os.urandom(64))
+        except AgentError as e:
+            status = machine.wait(timeout=0.5)
+            if status is None:
+                raise VMError(f"the VM did not become ready: {e}") from None
+            summary = _boot_failure_summary(machine.console_tail())
+            raise VMError(f"the VM failed to boot: {summary}") from None
+        log.debug("prepared in %.0f ms, booted in %.0f ms",
+                  (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+
+    @staticmethod
+    def _watch(machine, client: AgentClient) -> None:
+        # Wake every waiter promptly when QEMU goes away instead of letting them time out.
+        status = machine.wait()
+        client.fail(f"the VM exited unexpectedly (QEMU exit status {status})")
+
+    def close(self) -> None:
+        """Destroy the VM and release everything it holds. Idempotent."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+        self._client = None
+
+    @property
+    def running(self) -> bool:
+        return self._machine is not None and self._machine.poll() is None and \
+            self._client is not None
+
+    def _agent(self) -> AgentClient:
+        if self._client is None:
+            raise VMError("the VM is not running; start it first (or use `with VM(...)`)")
+        return self._client
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def _defaults(self, env, cwd, user) -> tuple[list[str], str, str]:
+        cfg = self.image.config
+        merged = resolve(entrypoint=(), cmd=("true",), env=cfg.env, working_dir=cfg.working_dir,
+                         user=cfg.user, env_overrides=_env_items(env), caller_env={})
+        return list(merged.env), cwd or merged.cwd, user or merged.user
+
+    def exec(self, argv: Sequence[str], *, env: Mapping[str, str] | Sequence[str] | None = None,
+             cwd: str | None = None, user: str | None = None, stdin: bytes | None = None,
+             timeout: float | None = None) -> ExecResult:
+        """Run ``argv`` to completion; ``env`` adds to the image's Env, like `docker exec`."""
+        full_env, cwd, user = self._defaults(env, cwd, user)
+        return self._agent().exec(list(argv), env=full_env, cwd=cwd, user=user, stdin=stdin,
+                                  timeout=timeout)
+
+    def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | Sequence[str] | None = None,
+              cwd: str | None = None, user: str | None = None, stdin: bool = False,
+              tty: bool = False, winsize: tuple[int, int] | None = None) -> Process:
+        """Start ``argv`` and return a streaming `Process` handle."""
+        full_env, cwd, user = self._defaults(env, cwd, user)
+        return self._agent().spawn(list(argv), env=full_env, cwd=cwd, user=user, stdin=stdin,
+                                   tty=tty, winsize=winsize)
+
+    def read_file(self, path: str, *, max_size: int = 1 << 30) -> bytes:
+        return self._agent().read_file(path, max_size=max_size)
+
+    def write_file(self, path: str, data: bytes, *, mode: int = 0o644,
+                   user: str | None = None) -> None:
+        self._agent().write_file(path, data, mode=mode, user=user)
+
+    def copy_in(self, src: str | os.PathLike[str], dst: str) -> None:
+        """Copy a host file into the VM (mode preserved)."""
+        with open(src, "rb") as f:
+            self._agent().write_file_from(dst, f, mode=os.fstat(f.fileno()).st_mode & 0o7777)
+
+    def copy_out(self, src: str, dst: str | os.PathLike[str]) -> None:
+        """Copy a VM file to the host (written atomically)."""
+        from .home import atomic_path
+
+        with atomic_path(Path(dst)) as tmp, open(tmp, "wb") as f:
+            self._agent().read_file_to(src, f)
+
+    def run_workload(self, *, cmd: Sequence[str] | None = None, entrypoint: str | None = None,
+                     env: Sequence[str] = (), workdir: str | None = None,
+                     user: str | None = None, stdin_fd: int | None = None,
+                     stdout_fd: int = 1, stderr_fd: int = 2) -> int:
+        """Run the image's Entrypoint + Cmd (docker overrides applied), streaming its output
+        to ``stdout_fd``/``stderr_fd`` as it comes and its input from ``stdin_fd``.
+
+        Returns the workload's exit status (128+N when killed by signal N; 127/126 when it
+        cannot start, after printing why on ``stderr_fd``).
+        """
+        cfg = self.image.config
+        work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
+                       working_dir=cfg.working_dir, user=cfg.user,
+                       entrypoint_override=entrypoint, cmd_override=cmd, env_overrides=env,
+                       workdir_override=workdir, user_override=user, caller_env=os.environ)
+        proc = self._agent().spawn(list(work.argv), env=list(work.env), cwd=work.cwd,
+                                   user=work.user, stdin=stdin_fd is not None)
+        with proc:
+            if stdin_fd is not None:
+                threading.Thread(target=_pump_stdin, args=(stdin_fd, proc), name="vm-stdin",
+                                 daemon=True).start()
+            out = {Stream.STDOUT: stdout_fd, Stream.STDERR: stderr_fd}
+            for stream, data in proc:
+                _write_all(out.get(stream, stdout_fd), data)
+            status = proc.wait()
+        if status.error:
+            _write_all(stderr_fd, f"supermachine: {status.error}\n".encode())
+        return status.exit_code
+
+
+def _env_items(env: Mapping[str, str] | Sequence[str] | None) -> list[str]:
+    if env is None:
+        return []
+    if isinstance(env, Mapping):
+        return [f"{k}={v}" for k, v in env.items()]
+    return list(env)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _pump_stdin(fd: int, proc: Process) -> None:
+    """Copy host stdin into the workload until EOF; the workload ending stops it quietly."""
+    try:
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            proc.write(data)
+        proc.close_stdin()
+    except (Error, OSError):
+        return
+
