@@ -1,0 +1,388 @@
+"""Pull images from registries into the shared blob store, and open pulled images offline.
+
+A pull: resolve the reference to a manifest (choosing a platform from an index), fetch the
+config, then download the missing layers concurrently. Every blob is size- and
+digest-checked before it is renamed into ``home.blobs``; downloads in progress live in
+``.partial-<hex>`` files next to the store and are continued with Range requests by the
+next pull. Last of all a ref record (reference -> manifest digest) is written, so a pulled
+image is visible only once all of its blobs are in the store.
+
+Pulls hold the store's shared lock; ``store.prune`` takes it exclusively, so a pull never
+loses blobs to a concurrent garbage collection.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Literal
+
+from ..errors import DigestMismatch, ImageError, RegistryError
+from ..home import Home, file_lock
+from . import store
+from .manifest import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_CONFIG_BYTES,
+    Descriptor,
+    host_platform,
+    parse_config,
+    parse_index,
+    parse_manifest,
+    parse_platform,
+    select_platform,
+    sniff_media_type,
+)
+from .model import Image, Layer
+from .progress import NullProgress, Progress
+from .reference import Reference, parse_reference
+from .registry import RegistryClient, TransientError, backoff
+from .verify import sha256_digest, verify_bytes
+
+PullPolicy = Literal["always", "missing", "never"]
+ATTEMPTS = 3  # per blob; each retry resumes where the last one stopped
+WRITE_CHUNK = 1 << 20
+
+
+class _Cancelled(Exception):
+    """Another download failed (or Ctrl-C): stop this one, keeping its partial file."""
+
+
+def _not_present(ref: str) -> ImageError:
+    return ImageError(f"image {ref} is not present locally; run `supermachine pull {ref}`")
+
+
+# -- offline: open a pulled image from the store ------------------------------------------
+
+
+def _read_verified(home: Home, digest: str, cap: int, what: str) -> bytes:
+    path = home.blob_path(digest)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except FileNotFoundError:
+        raise ImageError(
+            f"{what} {digest} is missing from the store; pull the image again"
+        ) from None
+    if len(data) > cap:
+        raise ImageError(f"{what} {digest} in the store is over {cap} bytes; pull it again")
+    return verify_bytes(data, digest, None, f"{what} {digest} in the store")
+
+
+def _image_from_store(
+    home: Home, source: str, name: str, manifest_digest: str, manifest_type: str | None
+) -> Image:
+    data = _read_verified(home, manifest_digest, 4 << 20, "manifest")
+    manifest = parse_manifest(data, sniff_media_type(data, manifest_type))
+    config_bytes = _read_verified(home, manifest.config.digest, MAX_CONFIG_BYTES, "config")
+    config, os_, arch = parse_config(config_bytes)
+    layers = []
+    for d in manifest.layers:
+        path = home.blob_path(d.digest)
+        if not path.is_file() or path.stat().st_size != d.size:
+            raise ImageError(
+                f"image {source} is incomplete locally; run `supermachine pull {source}`"
+            )
+        layers.append(Layer(d.digest, d.media_type, d.size, path))
+    return Image(
+        source=source,
+        name=name,
+        config_digest=manifest.config.digest,
+        manifest_digest=manifest_digest,
+        config=config,
+        layers=tuple(layers),
+        os=os_,
+        architecture=arch,
+    )
+
+
+def _find_pulled(ref: str, home: Home, platform: str | None) -> Image | None:
+    r = parse_reference(ref)
+    entry = store.find_entry(home, r, platform)
+    if entry is None:
+        return None
+    return _image_from_store(home, ref, r.familiar, entry.manifest_digest, entry.media_type)
+
+
+def open_pulled(ref: str, home: Home, *, platform: str | None = None) -> Image:
+    """The pulled image ``ref`` from the local store only (no network)."""
+    image = _find_pulled(ref, home, platform)
+    if image is None:
+        raise _not_present(ref)
+    return image
+
+
+# -- online: pull -------------------------------------------------------------------------
+
+
+def _store_bytes(home: Home, digest: str, data: bytes) -> None:
+    """Put already-verified bytes into the store (idempotent)."""
+    final = home.blob_path(digest)
+    if final.is_file() and final.stat().st_size == len(data):
+        return
+    from ..home import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(final, data)
+    except OSError as e:
+        from ..home import disk_full_message
+
+        raise ImageError(disk_full_message(e, final)) from e
+
+
+class _Puller:
+    """State of one pull: the client, the progress sink and the cancel flag for workers."""
+
+    def __init__(
+        self, home: Home, ref: Reference, client: RegistryClient, progress: Progress
+    ) -> None:
+        self.home = home
+        self.ref = ref
+        self.client = client
+        self.progress = progress
+        self.cancel = threading.Event()
+
+    def resolve(self, platform: str | None) -> tuple[bytes, str, str, str | None, str]:
+        """-> (manifest bytes, media type, manifest digest, index digest, platform string)."""
+        repo = self.ref.repository
+        data, media_type, digest = self.client.get_manifest(repo, self.ref.target)
+        media_type = sniff_media_type(data, media_type or None)
+        index_digest = None
+        plat = ""
+        if media_type in INDEX_TYPES:
+            entries = parse_index(data, media_type)
+            chosen: Descriptor = select_platform(entries, platform)
+            _store_bytes(self.home, digest, data)
+            index_digest = digest
+            data, child_type, digest = self.client.get_manifest(repo, chosen.digest)
+            if len(data) != chosen.size:
+                raise DigestMismatch(
+                    f"manifest {chosen.digest} is {len(data)} bytes, the index says {chosen.size}"
+                )
+            media_type = sniff_media_type(data, child_type or chosen.media_type)
+            plat = str(chosen.platform) if chosen.platform else ""
+        if media_type not in MANIFEST_TYPES:
+            raise ImageError(f"unsupported manifest media type {media_type[:80]!r}")
+        return data, media_type, digest, index_digest, plat
+
+    def fetch_config(self, desc: Descriptor) -> bytes:
+        path = self.home.blob_path(desc.digest)
+        if path.is_file() and path.stat().st_size == desc.size:
+            return _read_verified(self.home, desc.digest, MAX_CONFIG_BYTES, "config")
+        data = self.client.get_blob(self.ref.repository, desc.digest, desc.size, MAX_CONFIG_BYTES)
+        _store_bytes(self.home, desc.digest, data)
+        return data
+
+    # -- layers ---------------------------------------------------------------------------
+
+    def fetch_layer(self, desc: Descriptor) -> None:
+        final = self.home.blob_path(desc.digest)
+        hexpart = desc.digest.partition(":")[2]
+        if final.is_file() and final.stat().st_size == desc.size:
+            self.progress.layer_done(desc.digest, desc.size, "Already exists")
+            return
+        # One downloader per blob across processes; the second waits, then finds it stored.
+        with file_lock(store.lock_dir(self.home) / f"blob-{hexpart}.lock"):
+            if final.is_file() and final.stat().st_size == desc.size:
+                self.progress.layer_done(desc.digest, desc.size, "Already exists")
+                return
+            partial = self.home.blobs / f".partial-{hexpart}"
+            for attempt in range(ATTEMPTS):
+                try:
+                    self._download(desc, partial)
+                    break
+                except TransientError:
+                    if attempt == ATTEMPTS - 1 or self.cancel.is_set():
+                        raise
+                    backoff(attempt)
+            os.replace(partial, final)
+        self.progress.layer_done(desc.digest, desc.size, "Pull complete")
+
+    def _download(self, desc: Descriptor, partial: Path) -> None:
+        h = hashlib.sha256()
+        offset = 0
+        with contextlib.suppress(FileNotFoundError):
+            have = partial.stat().st_size
+            if have <= desc.size:
+                with open(partial, "rb") as f:
+                    while chunk := f.read(WRITE_CHUNK):
+                        h.update(chunk)
+                offset = have
+        if offset == desc.size and offset:
+            return self._finish(desc, partial, h, offset)
+        resp = self.client.open_blob(self.ref.repository, desc.digest, offset)
+        if resp.status == 200 and offset:
+            h, offset = hashlib.sha256(), 0  # the registry ignored our Range: start over
+        self.progress.layer_start(desc.digest, desc.size, offset)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+            for chunk in resp.iter_chunks():
+                if self.cancel.is_set():
+                    resp.close(reuse=False)
+                    raise _Cancelled
+                if offset + len(chunk) > desc.size:
+                    resp.close(reuse=False)
+                    os.close(fd)
+                    fd = -1
+                    partial.unlink(missing_ok=True)
+                    raise DigestMismatch(
+                        f"blob {desc.digest} is larger than the {desc.size} bytes its manifest "
+                        "says; the registry sent wrong content"
+                    )
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                h.update(chunk)
+                offset += len(chunk)
+                self.progress.layer_advance(desc.digest, len(chunk))
+            os.fsync(fd)
+        except OSError as e:
+            from ..home import disk_full_message
+
+            raise ImageError(disk_full_message(e, partial)) from e
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if offset < desc.size:
+            raise TransientError(
+                f"download of blob {desc.digest} stopped at {offset} of {desc.size} bytes"
+            )
+        self._finish(desc, partial, h, offset)
+
+    def _finish(self, desc: Descriptor, partial: Path, h, size: int) -> None:
+        got = "sha256:" + h.hexdigest()
+        if got != desc.digest:
+            # Nothing unverified is kept: a bad partial would poison every resume.
+            partial.unlink(missing_ok=True)
+            raise DigestMismatch(
+                f"blob {desc.digest} from {self.ref.registry} hashes to {got}; "
+                "the registry sent corrupt or tampered content"
+            )
+
+    def fetch_layers(self, layers: tuple[Descriptor, ...], max_concurrent: int) -> None:
+        unique = list({d.digest: d for d in layers}.values())
+        for d in unique:
+            self.progress.layer_add(d.digest, d.size)
+        workers = max(1, min(max_concurrent, len(unique)))
+        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sm-pull")
+        try:
+            futures = [pool.submit(self.fetch_layer, d) for d in unique]
+            first_error: BaseException | None = None
+            for fut in concurrent.futures.as_completed(futures):
+                err = fut.exception()
+                if err is not None and not isinstance(err, _Cancelled) and first_error is None:
+                    first_error = err
+                    self.cancel.set()
+            if first_error is not None:
+                raise first_error
+        except BaseException:
+            self.cancel.set()  # Ctrl-C lands here: workers stop at their next chunk
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def pull(
+    ref: str,
+    home: Home,
+    *,
+    platform: str | None = None,
+    insecure_registries: tuple[str, ...] | list[str] = (),
+    ca_file: str | None = None,
+    progress: Progress | None = None,
+    max_concurrent: int = 4,
+) -> Image:
+    """Download ``ref`` (and the layers it lacks) into the store; returns the pulled Image."""
+    r = parse_reference(ref)
+    if platform is not None:
+        parse_platform(platform)  # reject a malformed --platform before any network I/O
+    progress = progress or NullProgress()
+    client = RegistryClient(r.registry, insecure_registries=insecure_registries, ca_file=ca_file)
+    puller = _Puller(home, r, client, progress)
+    try:
+        with store.pull_guard(home):
+            data, media_type, manifest_digest, index_digest, plat = puller.resolve(platform)
+            progress.message(f"{r.familiar}: resolved to {manifest_digest}")
+            manifest = parse_manifest(data, media_type)
+            _store_bytes(home, manifest_digest, data)
+            config_bytes = puller.fetch_config(manifest.config)
+            _config, os_, arch = parse_config(config_bytes)
+            if not plat:
+                plat = f"{os_}/{arch}"
+                if platform is not None and not parse_platform(plat).matches(
+                    parse_platform(platform)
+                ):
+                    raise ImageError(
+                        f"image {ref} is {plat}, not {platform}; pick an image for that platform"
+                    )
+            puller.fetch_layers(manifest.layers, max_concurrent)
+            size = len(data) + manifest.config.size + sum(d.size for d in manifest.layers)
+            store.record_pull(
+                home,
+                r,
+                store.RefEntry(
+                    platform=plat,
+                    manifest_digest=manifest_digest,
+                    media_type=media_type,
+                    index_digest=index_digest,
+                    config_digest=manifest.config.digest,
+                    size=size,
+                    pulled=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    created=store.config_created(config_bytes),
+                ),
+            )
+            progress.message(f"{r.familiar}: pulled {manifest_digest}")
+    finally:
+        client.close()
+        progress.close()
+    return _image_from_store(home, ref, r.familiar, manifest_digest, media_type)
+
+
+def ensure_image(
+    ref: str,
+    home: Home,
+    policy: PullPolicy = "missing",
+    *,
+    platform: str | None = None,
+    insecure_registries: tuple[str, ...] | list[str] = (),
+    ca_file: str | None = None,
+    progress: Progress | None = None,
+    max_concurrent: int = 4,
+) -> Image:
+    """docker's --pull: ``always`` pulls, ``missing`` pulls only if absent, ``never`` doesn't."""
+    if policy not in ("always", "missing", "never"):
+        raise ImageError(f"unknown pull policy {policy!r}; use always, missing or never")
+    if policy != "always":
+        image = _find_pulled(ref, home, platform)
+        if image is not None:
+            return image
+        if policy == "never":
+            raise _not_present(ref)
+    return pull(
+        ref,
+        home,
+        platform=platform,
+        insecure_registries=insecure_registries,
+        ca_file=ca_file,
+        progress=progress,
+        max_concurrent=max_concurrent,
+    )
+
+
+__all__ = [
+    "PullPolicy",
+    "ensure_image",
+    "open_pulled",
+    "pull",
+    "host_platform",
+    "RegistryError",
+    "sha256_digest",
+]
