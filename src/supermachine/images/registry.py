@@ -90,6 +90,12 @@ class _Origin:
         return cls(u.scheme, u.hostname, port or (443 if u.scheme == "https" else 80))
 
     @property
+    def display(self) -> str:
+        """host, or host:port when the port is not the scheme's default (for messages)."""
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else self.netloc
+
+    @property
     def netloc(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
@@ -163,7 +169,7 @@ class Response:
             data = self._resp.read(cap + 1)
         except (OSError, http.client.HTTPException) as e:
             self.close(reuse=False)
-            raise TransientError(f"connection to {self._origin.host} broke: {e}") from e
+            raise TransientError(f"connection to {self._origin.display} broke: {e}") from e
         if len(data) > cap:
             self.close(reuse=False)
             raise ImageError(f"{what} is over the {cap} byte limit")
@@ -176,7 +182,7 @@ class Response:
                 chunk = self._resp.read(size)
             except (OSError, http.client.HTTPException) as e:
                 self.close(reuse=False)
-                raise TransientError(f"connection to {self._origin.host} broke: {e}") from e
+                raise TransientError(f"connection to {self._origin.display} broke: {e}") from e
             if not chunk:
                 self.close()
                 return
@@ -366,7 +372,7 @@ class RegistryClient:
             resp = self._send(origin, "GET", target, headers)
             body = resp.read_capped(TOKEN_MAX, "token response")
         except (OSError, http.client.HTTPException) as e:
-            raise self._network_error(origin.host, e) from e
+            raise self._network_error(origin.display, e) from e
         if resp.status in (401, 403):
             who = "credentials were rejected" if creds else "anonymous access denied"
             raise AuthError(f"{self.registry}: {who}; run `supermachine login {self.registry}`")
@@ -401,7 +407,7 @@ class RegistryClient:
             try:
                 resp = self._send(origin, method, target, send)
             except (OSError, http.client.HTTPException) as e:
-                raise self._network_error(origin.host, e) from e
+                raise self._network_error(origin.display, e) from e
             if resp.status == 401 and origin == base and not retried_auth:
                 challenge = resp.header("WWW-Authenticate")
                 resp.read_capped(ERROR_BODY_MAX, "error body")

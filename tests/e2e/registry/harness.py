@@ -303,7 +303,7 @@ class Registry:
         """skopeo copy the layout's ``src_tag`` to NAME:TAG here (all platforms)."""
         dest = f"docker://{self.host}/{name}:{tag}"
         subprocess.run(
-            ["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false",
+            ["skopeo", "copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false",
              f"oci:{layout}:{src_tag}", dest],
             check=True, capture_output=True,
         )  # fmt: skip
