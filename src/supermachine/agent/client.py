@@ -458,15 +458,10 @@ class AgentClient:
                 self._tick()
                 continue
             except OSError as e:
-                self._fail(AgentError(f"the VM's agent channel failed ({e.strerror or e})"))
+                self._fail(_channel_lost(e))
                 return
             if not data:
-                self._fail(
-                    AgentError(
-                        "the VM exited or closed its agent channel; "
-                        "see its console output (--debug) for why"
-                    )
-                )
+                self._fail(_channel_lost(None))
                 return
             with self._cond:
                 self._last_rx = time.monotonic()
@@ -554,10 +549,18 @@ class AgentClient:
                         return False
                 continue
             except OSError as e:
-                self._fail(AgentError(f"the VM's agent channel failed ({e.strerror or e})"))
+                self._fail(_channel_lost(e))
                 return False
             view = view[sent:]
         return True
+
+
+def _channel_lost(e: OSError | None) -> AgentError:
+    # EOF, ECONNRESET and EPIPE all mean the same to the user: the other end went away.
+    why = f" ({e.strerror or e})" if e is not None else ""
+    return AgentError(
+        f"the VM exited or closed its agent channel{why}; see its console output (--debug)"
+    )
 
 
 def _check_file_op(status: ExitStatus, verb: str, path: StrOrBytes) -> None:
