@@ -1,0 +1,317 @@
+/* VM mode boot: from the initramfs to the image's root filesystem.
+ *
+ * Kernel command line options read from /proc/cmdline:
+ *   sm.debug=1            log boot steps and agent events to /dev/console
+ *   sm.root=PATH          root block device (default /dev/vda)
+ *   sm.rootfstype=TYPE    its filesystem (default squashfs; erofs works the same way)
+ *   sm.port=NAME          virtio-serial port name of the agent channel (default sm.agent)
+ *
+ * Layout: the image is mounted read-only on /mnt/lower, a tmpfs on /mnt/rw holds the overlay's
+ * upper and work dirs, the overlay is assembled on /mnt/root and moved over / (pivot_root
+ * does not work from an initramfs, which cannot be unmounted). Any failure prints one line
+ * "sm-init: fatal: ..." on the console and powers off: a VM that cannot boot must end, not
+ * hang or panic-loop. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "sm.h"
+
+#define DEVICE_WAIT_MS 5000
+#define MODULE_INIT_COMPRESSED_FILE 4 /* finit_module flag (Linux 5.17+) */
+#define NEWROOT "/mnt/root"
+
+struct cmdline {
+	bool debug;
+	char root[128];
+	char fstype[32];
+	char port[64];
+};
+
+void power_off(void)
+{
+	sync();
+	reboot(RB_POWER_OFF);
+	reboot(RB_HALT_SYSTEM);
+	_exit(1); /* only reached when not PID 1 */
+}
+
+static void __attribute__((noreturn, format(printf, 1, 2))) fatal(const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	dprintf(2, "sm-init: fatal: %s\n", line);
+	power_off();
+}
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Reads a small file into buf (NUL-terminated); returns the length or -1. */
+static ssize_t read_small(const char *path, char *buf, size_t size)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	size_t n = 0;
+	while (n + 1 < size) {
+		ssize_t r = read(fd, buf + n, size - 1 - n);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			break;
+		n += (size_t)r;
+	}
+	close(fd);
+	buf[n] = 0;
+	return (ssize_t)n;
+}
+
+static void opt(const char *tok, const char *key, char *dst, size_t size)
+{
+	size_t k = strlen(key);
+	if (strncmp(tok, key, k) == 0 && strlen(tok + k) < size && tok[k])
+		strcpy(dst, tok + k);
+}
+
+static void parse_cmdline(struct cmdline *c)
+{
+	strcpy(c->root, "/dev/vda");
+	strcpy(c->fstype, "squashfs");
+	strcpy(c->port, "sm.agent");
+	char buf[4096];
+	if (read_small("/proc/cmdline", buf, sizeof(buf)) < 0)
+		return;
+	for (char *tok = strtok(buf, " \t\n"); tok; tok = strtok(NULL, " \t\n")) {
+		if (strcmp(tok, "sm.debug=1") == 0)
+			c->debug = true;
+		opt(tok, "sm.root=", c->root, sizeof(c->root));
+		opt(tok, "sm.rootfstype=", c->fstype, sizeof(c->fstype));
+		opt(tok, "sm.port=", c->port, sizeof(c->port));
+	}
+}
+
+/* Kernel modules listed in /sm/modules, one path per line, already in dependency order. */
+static void load_modules(bool debug)
+{
+	static char list[64 * 1024];
+	if (read_small("/sm/modules", list, sizeof(list)) < 0)
+		return; /* a kernel with everything built in needs none */
+	for (char *line = strtok(list, "\n"); line; line = strtok(NULL, "\n")) {
+		while (*line == ' ' || *line == '\t')
+			line++;
+		size_t n = strlen(line);
+		while (n && (line[n - 1] == ' ' || line[n - 1] == '\r' || line[n - 1] == '\t'))
+			line[--n] = 0;
+		if (!n || line[0] == '#')
+			continue;
+		char path[512];
+		snprintf(path, sizeof(path), "%s%s", line[0] == '/' ? "" : "/", line);
+		int flags = 0;
+		const char *dot = strrchr(path, '.');
+		if (dot && (!strcmp(dot, ".xz") || !strcmp(dot, ".zst") || !strcmp(dot, ".gz")))
+			flags = MODULE_INIT_COMPRESSED_FILE;
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || (syscall(SYS_finit_module, fd, "", flags) < 0 && errno != EEXIST))
+			dprintf(2, "sm-init: module %s: %s\n", path, strerror(errno));
+		else
+			sm_log(debug, "loaded %s", path);
+		if (fd >= 0)
+			close(fd);
+	}
+}
+
+/* Finds the /dev node name (vportNpM) of the virtio-serial port called name. */
+static bool find_port(const char *name, char *dev, size_t size)
+{
+	DIR *d = opendir("/sys/class/virtio-ports");
+	if (!d)
+		return false;
+	bool found = false;
+	struct dirent *e;
+	while (!found && (e = readdir(d))) {
+		if (e->d_name[0] == '.' || strlen(e->d_name) > 64)
+			continue;
+		char path[128], got[128];
+		snprintf(path, sizeof(path), "/sys/class/virtio-ports/%.64s/name", e->d_name);
+		ssize_t n = read_small(path, got, sizeof(got));
+		if (n <= 0)
+			continue;
+		if (got[n - 1] == '\n')
+			got[n - 1] = 0;
+		if (strcmp(got, name) != 0)
+			continue;
+		snprintf(dev, size, "/dev/%.64s", e->d_name);
+		found = access(dev, F_OK) == 0; /* devtmpfs creates the node a moment later */
+	}
+	closedir(d);
+	return found;
+}
+
+/* Waits (bounded) for the root disk and the agent port to show up. */
+static void wait_devices(const struct cmdline *c, char *port, size_t size)
+{
+	int64_t deadline = mono_ms() + DEVICE_WAIT_MS;
+	bool root = false, have_port = false;
+	for (;;) {
+		root = root || access(c->root, F_OK) == 0;
+		have_port = have_port || find_port(c->port, port, size);
+		if (root && have_port)
+			return;
+		if (mono_ms() > deadline)
+			break;
+		struct timespec ts = {0, 2 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	if (!root)
+		fatal("root device %s did not appear within %d s (disk attached? virtio_blk loaded?)",
+		      c->root, DEVICE_WAIT_MS / 1000);
+	fatal("virtio-serial port %s did not appear within %d s (virtserialport attached?)",
+	      c->port, DEVICE_WAIT_MS / 1000);
+}
+
+static void mkdir_or_fatal(const char *path, mode_t mode)
+{
+	if (mkdir(path, mode) < 0 && errno != EEXIST)
+		fatal("mkdir %s: %s", path, strerror(errno));
+}
+
+static void mount_or_fatal(const char *src, const char *dst, const char *type,
+			   unsigned long flags, const char *data)
+{
+	if (mount(src, dst, type, flags, data) < 0)
+		fatal("mount %s on %s (%s): %s", src, dst, type ? type : "move", strerror(errno));
+}
+
+/* Mounts inside the new root, created if the image lacks them (the overlay is writable). */
+static void populate_newroot(void)
+{
+	static const char *const moved[] = {"/dev", "/proc", "/sys"};
+	for (size_t i = 0; i < 3; i++) {
+		char dst[64];
+		snprintf(dst, sizeof(dst), NEWROOT "%s", moved[i]);
+		mkdir_or_fatal(dst, 0755);
+		mount_or_fatal(moved[i], dst, NULL, MS_MOVE, NULL);
+	}
+	mkdir_or_fatal(NEWROOT "/dev/pts", 0755);
+	mount_or_fatal("devpts", NEWROOT "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+		       "newinstance,ptmxmode=0666,mode=0620,gid=5");
+	/* /dev/ptmx must reach this devpts instance, as in docker. */
+	unlink(NEWROOT "/dev/ptmx");
+	if (symlink("pts/ptmx", NEWROOT "/dev/ptmx") < 0)
+		fatal("symlink /dev/ptmx: %s", strerror(errno));
+	mkdir_or_fatal(NEWROOT "/dev/shm", 01777);
+	mount_or_fatal("shm", NEWROOT "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	/* Conveniences every container runtime provides; failures are harmless. */
+	static const char *const links[][2] = {{"/proc/self/fd", "fd"},
+					       {"/proc/self/fd/0", "stdin"},
+					       {"/proc/self/fd/1", "stdout"},
+					       {"/proc/self/fd/2", "stderr"}};
+	for (size_t i = 0; i < 4; i++) {
+		char dst[64];
+		snprintf(dst, sizeof(dst), NEWROOT "/dev/%s", links[i][1]);
+		if (symlink(links[i][0], dst) < 0 && errno != EEXIST)
+			dprintf(2, "sm-init: symlink %s: %s\n", dst, strerror(errno));
+	}
+}
+
+static void loopback_up(bool debug)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	strcpy(ifr.ifr_name, "lo");
+	/* The kernel assigns 127.0.0.1/8 and ::1 to lo by itself once it is up. */
+	if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) < 0 ||
+	    (ifr.ifr_flags |= IFF_UP, ioctl(s, SIOCSIFFLAGS, &ifr) < 0))
+		sm_log(debug, "lo up: %s", strerror(errno));
+	if (s >= 0)
+		close(s);
+}
+
+/* Makes sure fds 0-2 exist, so later pipes never land on them. */
+static void std_fds(void)
+{
+	int con = open("/dev/console", O_RDWR | O_NOCTTY);
+	if (con < 0)
+		con = open("/dev/null", O_RDWR);
+	for (int fd = 0; fd < 3; fd++)
+		if (fcntl(fd, F_GETFD) < 0 && con >= 0)
+			dup2(con, fd);
+	if (con > 2)
+		close(con);
+}
+
+int boot_vm(bool *debug)
+{
+	mkdir("/dev", 0755);
+	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0 && errno != EBUSY)
+		dprintf(2, "sm-init: mount /dev: %s\n", strerror(errno));
+	std_fds();
+	mkdir("/proc", 0555);
+	mkdir("/sys", 0555);
+	mount_or_fatal("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount_or_fatal("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+
+	struct cmdline c = {0};
+	parse_cmdline(&c);
+	*debug = c.debug;
+	sm_log(c.debug, "root %s (%s), port %s", c.root, c.fstype, c.port);
+	load_modules(c.debug);
+	char port[128];
+	wait_devices(&c, port, sizeof(port));
+
+	mkdir_or_fatal("/mnt", 0755);
+	mkdir_or_fatal("/mnt/lower", 0755);
+	mkdir_or_fatal("/mnt/rw", 0755);
+	mkdir_or_fatal(NEWROOT, 0755);
+	mount_or_fatal(c.root, "/mnt/lower", c.fstype, MS_RDONLY, NULL);
+	mount_or_fatal("tmpfs", "/mnt/rw", "tmpfs", 0, "mode=0755");
+	mkdir_or_fatal("/mnt/rw/upper", 0755);
+	mkdir_or_fatal("/mnt/rw/work", 0755);
+	mount_or_fatal("overlay", NEWROOT, "overlay", 0,
+		       "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work");
+	populate_newroot();
+
+	if (chdir(NEWROOT) < 0)
+		fatal("chdir %s: %s", NEWROOT, strerror(errno));
+	mount_or_fatal(".", "/", NULL, MS_MOVE, NULL);
+	if (chroot(".") < 0 || chdir("/") < 0)
+		fatal("chroot: %s", strerror(errno));
+	sm_log(c.debug, "switched to the image root");
+
+	if (sethostname("localhost", 9) < 0)
+		sm_log(c.debug, "sethostname: %s", strerror(errno));
+	loopback_up(c.debug);
+	/* Container runtimes give processes a high fd limit; docker's default is 1048576. */
+	struct rlimit rl = {1048576, 1048576};
+	if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+		sm_log(c.debug, "setrlimit NOFILE: %s", strerror(errno));
+
+	int fd = open(port, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+	if (fd < 0)
+		fatal("open agent port %s: %s", port, strerror(errno));
+	sm_log(c.debug, "agent on %s", port);
+	return fd;
+}
