@@ -153,7 +153,8 @@ def build_image(
 def make_ca_and_cert(d: Path, ip: str = "127.0.0.1") -> tuple[Path, Path, Path]:
     """-> (ca.pem, server cert.pem, server key.pem), the server cert valid for ``ip``."""
     d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca, key, csr, cert = (d / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
+    names = ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem")
+    ca_key, ca, key, csr, cert = (d / n for n in names)
     run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key,
         "-out", ca, "-days", "2", "-subj", "/CN=supermachine test CA")  # fmt: skip
@@ -185,7 +186,9 @@ class TokenServer:
             check=True, capture_output=True,
         )  # fmt: skip
         der = subprocess.run(
-            ["openssl", "x509", "-in", self.cert, "-outform", "DER"], check=True, capture_output=True
+            ["openssl", "x509", "-in", self.cert, "-outform", "DER"],
+            check=True,
+            capture_output=True,
         ).stdout
         self._x5c = base64.b64encode(der).decode()
         self.requests: list[dict] = []
@@ -216,7 +219,7 @@ class TokenServer:
 
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.realm = f"http://127.0.0.1:{self._httpd.server_address[1]}/token"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def sign(self, scope: str) -> str:
@@ -227,9 +230,18 @@ class TokenServer:
             access.append({"type": typ, "name": name, "actions": actions.split(",")})
         now = int(time.time())
         header = {"alg": "RS256", "typ": "JWT", "x5c": [self._x5c]}
-        claims = {"iss": self.issuer, "sub": "tester", "aud": self.service, "exp": now + 600,
-                  "nbf": now - 60, "iat": now, "jti": os.urandom(8).hex(), "access": access}  # fmt: skip
-        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        claims = {
+            "iss": self.issuer,
+            "sub": "tester",
+            "aud": self.service,
+            "exp": now + 600,
+            "nbf": now - 60,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
+        head, body = (_b64url(json.dumps(x).encode()) for x in (header, claims))
+        signing_input = f"{head}.{body}"
         sig = subprocess.run(
             ["openssl", "dgst", "-sha256", "-sign", self.key],
             input=signing_input.encode(), check=True, capture_output=True,
@@ -278,7 +290,8 @@ class Registry:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError((self.root / "registry.log").read_text()[-2000:])
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
                 return
             time.sleep(0.02)
         raise RuntimeError("docker-registry did not start")
@@ -319,3 +332,80 @@ def htpasswd_file(path: Path, user: str, password: str) -> Path:
         ["htpasswd", "-B", "-b", "-c", str(path), user, password], check=True, capture_output=True
     )
     return path
+
+
+# -- a scripted registry for failures a real one will not produce ------------------------------
+
+
+Route = tuple[int, dict[str, str], bytes]
+
+
+class FakeRegistry:
+    """An HTTP server answering each path from ``routes`` (path -> (status, headers, body),
+    or a callable taking the request headers and returning one); unknown paths get 404.
+    Every request's path and headers are kept in ``seen``."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route | object] = {"/v2/": (200, {}, b"{}")}
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                headers = dict(self.headers.items())
+                fake.seen.append((self.path, headers))
+                route = fake.routes.get(self.path, (404, {}, b'{"errors":[{"code":"NOT_FOUND"}]}'))
+                status, extra, body = route(headers) if callable(route) else route
+                self.send_response(status)
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.host = f"127.0.0.1:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def serve_blob(self, repo: str, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.routes[f"/v2/{repo}/blobs/{digest}"] = (200, {}, data)
+        return digest
+
+    def serve_manifest(self, repo: str, tag: str, data: bytes, media_type: str) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        route = (200, {"Content-Type": media_type}, data)
+        self.routes[f"/v2/{repo}/manifests/{tag}"] = route
+        self.routes[f"/v2/{repo}/manifests/{digest}"] = route
+        return digest
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def simple_manifest(fake: FakeRegistry, repo: str, layer: bytes, layer_type: str) -> bytes:
+    """Serve a one-layer image's config and layer on ``fake``; return its manifest bytes."""
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/x"]},
+         "rootfs": {"type": "layers", "diff_ids": []}}
+    ).encode()  # fmt: skip
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": fake.serve_blob(repo, config),
+            "size": len(config),
+        },
+        "layers": [
+            {"mediaType": layer_type, "digest": fake.serve_blob(repo, layer), "size": len(layer)}
+        ],
+    }
+    return json.dumps(manifest).encode()

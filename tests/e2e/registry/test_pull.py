@@ -193,7 +193,7 @@ class KillAfter(Recorder):
 
 def test_registry_killed_mid_pull_then_resumes(tmp_path, home):
     size = 48 << 20  # incompressible, far more than loopback socket buffers hold
-    built = build_image(tmp_path / "layout", [({"big": os.urandom(size)}, "gzip")])
+    built = build_image(tmp_path / "layout", [({"big": os.urandom(size)}, "none")])
     reg = Registry(tmp_path / "reg")
     reg.start()
     try:
