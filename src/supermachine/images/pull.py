@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from ..errors import DigestMismatch, ImageError, RegistryError
+from ..errors import DigestMismatch, ImageError
 from ..home import Home, file_lock
 from . import store
 from .manifest import (
@@ -30,7 +30,6 @@ from .manifest import (
     MANIFEST_TYPES,
     MAX_CONFIG_BYTES,
     Descriptor,
-    host_platform,
     parse_config,
     parse_index,
     parse_manifest,
@@ -42,7 +41,7 @@ from .model import Image, Layer
 from .progress import NullProgress, Progress
 from .reference import Reference, parse_reference
 from .registry import RegistryClient, TransientError, backoff
-from .verify import sha256_digest, verify_bytes
+from .verify import verify_bytes
 
 PullPolicy = Literal["always", "missing", "never"]
 ATTEMPTS = 3  # per blob; each retry resumes where the last one stopped
@@ -377,12 +376,4 @@ def ensure_image(
     )
 
 
-__all__ = [
-    "PullPolicy",
-    "ensure_image",
-    "open_pulled",
-    "pull",
-    "host_platform",
-    "RegistryError",
-    "sha256_digest",
-]
+__all__ = ["PullPolicy", "ensure_image", "open_pulled", "pull"]

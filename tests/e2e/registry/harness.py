@@ -276,8 +276,7 @@ class Registry:
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
             "  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n{tls_yaml}"
-            + (f"auth:\n{auth}" if auth else "")
+            f"http:\n  addr: 127.0.0.1:{self.port}\n{tls_yaml}" + (f"auth:\n{auth}" if auth else "")
         )
         cfg = self.root / "config.yml"
         cfg.write_text(config)
