@@ -39,7 +39,8 @@ from .protocol import ExitKind, Op, Stream
 _TICK = 0.1  # how often the reader and writer look at deadlines and the closing flag
 _RECV_SIZE = 65536
 _GRANT_BATCH = 32768  # coalesce CREDIT frames; the window is 256 KiB
-_CLOSE_GRACE = 10.0  # how long close() waits for the guest's EXIT after CLOSE
+_CLOSE_GRACE = 10.0
+_MAX_UNSENT_PONGS = 1024  # how long close() waits for the guest's EXIT after CLOSE
 DEFAULT_MAX_FILE = 1 << 30
 
 StrOrBytes = str | bytes
@@ -142,6 +143,7 @@ class AgentClient:
         self._pings: set[int] = set()  # nonces of ping() calls in flight
         self._pongs: set[int] = set()  # ... and those answered
         self._waiters = 0
+        self._unsent_pongs = 0
         self._reader = threading.Thread(target=self._read_loop, name="sm-agent-reader", daemon=True)
         self._writer = threading.Thread(
             target=self._write_loop, name="sm-agent-writer", daemon=True
@@ -466,18 +468,23 @@ class AgentClient:
             with self._cond:
                 self._last_rx = time.monotonic()
                 try:
-                    events = self._conn.receive(data)
+                    for ev in self._conn.receive(data):
+                        self._dispatch(ev)
                 except ProtocolError as e:
+                    # Fatal for the connection (docs/protocol.md): drop it, the guest resets.
                     self._fail(ProtocolError(f"{e}; the VM's agent misbehaved, restart the VM"))
                     with contextlib.suppress(OSError):
                         self._sock.shutdown(socket.SHUT_RDWR)
                     return
-                for ev in events:
-                    self._dispatch(ev)
-                self._cond.notify_all()
+                finally:
+                    self._cond.notify_all()
 
     def _dispatch(self, ev: p.Event) -> None:
         if isinstance(ev, p.Ping):
+            # A guest that pings without reading our answers would grow this queue forever.
+            self._unsent_pongs += 1
+            if self._unsent_pongs > _MAX_UNSENT_PONGS:
+                raise ProtocolError("the guest sends PINGs without reading the answers")
             self._out.append(p.encode_pong(ev.nonce))
         elif isinstance(ev, p.Pong):
             if ev.nonce in self._pings:
@@ -531,6 +538,7 @@ class AgentClient:
                     return
                 data = b"".join(self._out)
                 self._out.clear()
+                self._unsent_pongs = 0
             if not self._send_all(data):
                 return
 

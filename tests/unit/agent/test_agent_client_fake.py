@@ -8,6 +8,7 @@ behaviour is tested against the real init in test_agent_client_real.py.
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 
@@ -245,3 +246,17 @@ def test_context_manager_closes_socket():
         pass
     assert a.fileno() == -1
     b.close()
+
+
+def test_ping_flood_without_reading_is_a_protocol_error(fake):
+    """A guest that pings but never reads would grow the PONG queue without bound."""
+    fake.guest.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    waiter = fake.pool.submit(fake.client.ping, 10)
+    ping = p.encode_frame(FrameType.PING, 0, struct.pack("<Q", 1))
+    try:
+        for _ in range(200):
+            fake.guest.send(ping * 1000)
+    except OSError:
+        pass  # the client dropped the connection
+    with pytest.raises(ProtocolError, match="without reading"):
+        waiter.result(timeout=10)
