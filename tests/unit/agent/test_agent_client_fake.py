@@ -67,13 +67,13 @@ def test_silent_guest_is_declared_dead():
         t = time.monotonic()
         with pytest.raises(AgentError, match="stopped responding"):
             fut.result(timeout=5)
-        assert time.monotonic() - t < 2
+        assert time.monotonic() - t < 3
     finally:
         pair.close()
 
 
 def test_slow_but_alive_guest_is_not_declared_dead():
-    pair = FakePair(keepalive=0.1, dead_after=0.3)
+    pair = FakePair(keepalive=0.1, dead_after=1.0)  # slack for a loaded 2-core machine
     try:
         pair.connect()
         fut, ch = start_exec(pair)
