@@ -108,7 +108,7 @@ def test_not_executable_reports_eacces(agent: Agent, tmp_path) -> None:
 
 def test_path_search_uses_session_env(agent: Agent, tmp_path) -> None:
     prog = tmp_path / "myprog"
-    prog.write_text("#!/bin/sh\necho found \"$@\"\n")
+    prog.write_text('#!/bin/sh\necho found "$@"\n')
     prog.chmod(0o755)
     r = agent.run(1, ["myprog", "a"], env=[f"PATH=/nonexistent:{tmp_path}"])
     assert (r.stdout, r.kind, r.code) == (b"found a\n", 0, 0)

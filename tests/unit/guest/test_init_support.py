@@ -116,6 +116,7 @@ class Agent:
         self.buf = b""
         self.pending: list[Frame] = []
         self.results: dict[int, Result] = {}
+        self.stderr = ""
 
     # -- raw I/O -------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -231,6 +232,7 @@ class Agent:
                 self.proc.kill()
                 self.proc.wait()
             if self.proc.stderr:
+                self.stderr = self.proc.stderr.read().decode(errors="replace")
                 self.proc.stderr.close()
 
 
