@@ -32,6 +32,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="accelerator (default: hardware KVM when usable, else TCG)")
     p.add_argument("--kernel", metavar="PATH", help="guest kernel to boot instead of the default")
     p.add_argument("--initrd", metavar="PATH", help="initramfs to use with --kernel")
+    p.add_argument("--pull", choices=["always", "missing", "never"], default="missing",
+                   help="pull a registry image before running (default: missing)")
+    _add_registry_options(p)
+
+
+def _add_registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="platform to pick from a multi-platform image (default: this host's)")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="allow plain HTTP / unverified TLS for this registry")
+    p.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify registries with")
+    p.add_argument("-q", "--quiet", action="store_true", help="no pull progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
                           "docker-archive: prefixes accepted)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
     run.set_defaults(func=cmd_run)
+
+    pull = sub.add_parser("pull", help="download an image from a registry")
+    _add_registry_options(pull)
+    pull.add_argument("image", metavar="REF",
+                      help="e.g. alpine, ghcr.io/o/r:tag, host:5000/r@sha256:...")
+    pull.set_defaults(func=cmd_pull)
+
+    images = sub.add_parser("images", help="list pulled images")
+    images.add_argument("--digests", action="store_true", help="show manifest digests")
+    images.set_defaults(func=cmd_images)
+
+    rmi = sub.add_parser("rmi", help="remove pulled images")
+    rmi.add_argument("images", nargs="+", metavar="REF|DIGEST")
+    rmi.set_defaults(func=cmd_rmi)
+
+    prune = sub.add_parser("prune", help="delete blobs and root filesystems no image uses")
+    prune.set_defaults(func=cmd_prune)
+
+    login = sub.add_parser("login", help="save registry credentials (~/.docker/config.json)")
+    login.add_argument("registry", metavar="REGISTRY")
+    login.add_argument("-u", "--username", required=True)
+    login.add_argument("-p", "--password", help="password (prefer --password-stdin)")
+    login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    login.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]")
+    login.add_argument("--ca-file", metavar="PEM")
+    login.set_defaults(func=cmd_login)
+
+    logout = sub.add_parser("logout", help="forget registry credentials")
+    logout.add_argument("registry", metavar="REGISTRY")
+    logout.set_defaults(func=cmd_logout)
     return parser
 
 
@@ -81,6 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         home=_home(args),
         verbose=args.verbose or args.debug,
         on_notice=_notice,
+        pull=args.pull,
+        platform=args.platform,
+        registry_options=_registry_options(args),
     )
     with machine:
         return machine.run_workload(
@@ -93,6 +138,83 @@ def cmd_run(args: argparse.Namespace) -> int:
             stdout_fd=1,
             stderr_fd=2,
         )
+
+
+def _registry_options(args: argparse.Namespace) -> dict[str, object]:
+    from .images.progress import make_progress
+
+    return {"insecure_registries": tuple(args.insecure_registry), "ca_file": args.ca_file,
+            "progress": make_progress(sys.stderr, quiet=args.quiet)}
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .images.pull import pull
+
+    image = pull(args.image, _home(args), platform=args.platform, **_registry_options(args))
+    print(image.manifest_digest or image.config_digest)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from .images import store
+    from .images.progress import human_size
+
+    rows = [("REFERENCE", "PLATFORM", "DIGEST" if args.digests else "IMAGE ID", "CREATED",
+             "SIZE")]
+    for info in store.list_images(_home(args)):
+        ident = info.manifest_digest if args.digests else info.config_digest[7:19]
+        rows.append((info.name, info.platform, ident, (info.created or "-")[:19],
+                     human_size(info.size)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    from .images import store
+
+    home = _home(args)
+    for ref in args.images:
+        for removed in store.remove_image(home, ref):
+            print(f"Untagged: {removed}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .images import store
+    from .images.progress import human_size
+
+    result = store.prune(_home(args))
+    print(f"Deleted {result.blobs_removed} blobs, reclaimed {human_size(result.bytes_freed)}")
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from .images import auth
+
+    if args.password_stdin:
+        password = sys.stdin.read().rstrip("\n")
+    elif args.password is not None:
+        password = args.password
+    else:
+        import getpass
+
+        password = getpass.getpass("Password: ")
+    auth.login(args.registry, args.username, password,
+               insecure_registries=tuple(args.insecure_registry), ca_file=args.ca_file)
+    print("Login Succeeded")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from .images import auth
+
+    if auth.logout(args.registry):
+        print(f"Removing login credentials for {args.registry}")
+    else:
+        print(f"Not logged in to {args.registry}")
+    return 0
 
 
 # ---- plumbing ---------------------------------------------------------------------------

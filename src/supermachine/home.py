@@ -88,7 +88,8 @@ class Home:
     def blob_path(self, digest: str) -> Path:
         """Path of a blob in the store; ``digest`` must already be validated."""
         algo, _, hexpart = digest.partition(":")
-        if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        if algo != "sha256" or len(hexpart) != 64 or \
+                not all(c in "0123456789abcdef" for c in hexpart):
             raise Error(f"invalid digest {digest!r}")
         return self.blobs / hexpart
 

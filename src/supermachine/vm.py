@@ -60,6 +60,9 @@ class VM:
         verbose: bool = False,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         on_notice: Callable[[str], None] | None = None,
+        pull: str = "missing",
+        platform: str | None = None,
+        registry_options: Mapping[str, object] | None = None,
     ) -> None:
         self._image_ref = os.fspath(image)
         self.memory_mib = parse_memory(memory)
@@ -74,6 +77,9 @@ class VM:
         self._verbose = verbose
         self._boot_timeout = boot_timeout
         self._notice = on_notice or (lambda msg: log.info("%s", msg))
+        self._pull = pull
+        self._platform = platform
+        self._registry_options = dict(registry_options or {})
         self._stack: contextlib.ExitStack | None = None
         self._client: AgentClient | None = None
         self._machine = None
@@ -106,10 +112,10 @@ class VM:
         from .engine.base import MachineConfig
         from .engine.qemu import QemuEngine
         from .guest.assets import ensure_guest_assets
-        from .images import ensure_rootfs, open_image
+        from .images import ensure_rootfs
 
         t0 = time.monotonic()
-        self.image = open_image(self._image_ref, self.home)
+        self.image = self._open_image()
         rootfs = ensure_rootfs(self.image, self.home)
         assets = ensure_guest_assets(self.home, kernel=self._kernel, initrd=self._initrd)
         self.accel = choose(self._accel_request)
@@ -139,6 +145,18 @@ class VM:
             raise VMError(f"the VM failed to boot: {summary}") from None
         log.debug("prepared in %.0f ms, booted in %.0f ms",
                   (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+
+    def _open_image(self):
+        """A local layout/archive as it is; a registry reference per the pull policy."""
+        from .images.source import open_local, parse_source
+
+        src = parse_source(self._image_ref)
+        if src is not None:
+            return open_local(src, platform=self._platform)
+        from .images.pull import ensure_image
+
+        return ensure_image(self._image_ref, self.home, self._pull, platform=self._platform,
+                            **self._registry_options)
 
     @staticmethod
     def _watch(machine, client: AgentClient) -> None:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up supermachine on a Debian 12 machine and run a demo VM.
+#   - Debian packages: QEMU, squashfs-tools-ng, a C toolchain for the guest init (musl), and
+#     what the test suite uses (skopeo, docker-registry, mmdebstrap, busybox-static, ...);
+#   - a virtualenv in .venv with supermachine installed (this compiles the guest init);
+#   - a demo: builds a tiny busybox image from Debian packages and boots it.
+# Re-running is cheap: every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(
+  qemu-system-x86 squashfs-tools-ng musl-tools gcc make libc6-dev
+  python3 python3-venv python3-dev
+  busybox-static skopeo umoci mmdebstrap docker-registry erofs-utils cpio zstd
+  apache2-utils openssl kmod passt util-linux procps
+)
+
+need=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if ((${#need[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "==> installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+# The distribution registry starts as a system service on install; the tests run their own.
+if systemctl is-active --quiet docker-registry 2>/dev/null; then
+  systemctl stop docker-registry 2>/dev/null || true
+fi
+
+# Debian's own Python: world-readable (so VMs can be tested as an unprivileged user) and,
+# in a venv, quick to start.
+PY=${PYTHON:-$( [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3 )}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+fi
+echo "==> installing supermachine into .venv (builds the guest init)"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "==> building the demo image (busybox, from Debian's busybox-static)"
+IMAGE=$(.venv/bin/python -m tests.fixtures.images path busybox)
+echo "==> demo: .venv/bin/supermachine run $IMAGE sh -c 'echo hello from \$(uname -sr) in a microVM'"
+.venv/bin/supermachine run "$IMAGE" sh -c 'echo hello from $(uname -sr) in a microVM; cat /etc/os-release 2>/dev/null | head -1 || true'
