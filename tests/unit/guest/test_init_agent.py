@@ -258,6 +258,8 @@ def test_file_errors_report_kind_3(agent: Agent, tmp_path) -> None:
     assert (r.kind, r.code) == (3, errno.EISDIR)
     r = agent.run(3, [str(tmp_path / "nodir" / "x")], op=2, stdin=b"")
     assert (r.kind, r.code) == (3, errno.ENOENT)
+    r = agent.run(4, ["relative/path"], op=1)
+    assert (r.kind, r.code) == (3, errno.EINVAL)
 
 
 def test_cwd_is_created(agent: Agent, tmp_path) -> None:

@@ -26,7 +26,7 @@
 #define SM_RNDADDENTROPY 0x40085203
 #define IN_CAP (2 * (SM_HDR + SM_MAX_PAYLOAD))
 #define HUP_BACKOFF_MIN_MS 5
-#define HUP_BACKOFF_MAX_MS 200
+#define HUP_BACKOFF_MAX_MS 50 /* bounds reconnect latency; 20 wakeups/s is cheap */
 
 struct session {
 	bool used;
@@ -401,6 +401,10 @@ static void reap(struct agent *a)
 static void start_file(struct agent *a, struct session *s, const struct exec_req *r)
 {
 	const char *path = r->argv[0];
+	if (path[0] != '/') {
+		set_report(s, K_FAILED, EINVAL, "file: %.200s: path must be absolute", path);
+		return;
+	}
 	if (r->op == OP_READ) {
 		int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
 		struct stat st;

@@ -6,6 +6,7 @@
  *                       mount nothing, exit when N reaches EOF and every child is gone,
  *                       or at once on SHUTDOWN. */
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,7 +23,11 @@ static int usage(void)
 int main(int argc, char **argv)
 {
 	struct agent_opts o = {.fd = -1};
-	if (getpid() == 1) {
+	bool host_mode = false;
+	for (int i = 1; i < argc; i++)
+		host_mode |= strcmp(argv[i], "--agent-fd") == 0;
+	/* As PID 1 the kernel may pass stray command line words as arguments: ignore them. */
+	if (getpid() == 1 && !host_mode) {
 		o.vm = true;
 		o.fd = boot_vm(&o.debug);
 		agent_run(&o);
