@@ -24,6 +24,7 @@ from test_init_support import (
     INITIAL_WINDOW,
     PING,
     PONG,
+    RESIZE,
     SHUTDOWN,
     SIGNAL,
     STARTED,
@@ -364,3 +365,36 @@ def test_hello_reply_only_once_ready() -> None:
         assert r.code == 0 and r.kind == 0
     finally:
         a.close()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_outbound_buffer_is_bounded_when_host_is_slow(agent: Agent) -> None:
+    # 16 sessions x one 256 KiB window = 4 MiB the guest could buffer if it read every pipe
+    # with credit; it must stop reading while the buffer to a host that does not read is full.
+    base = rss_kib(agent.proc.pid)
+    n = 16
+    for ch in range(1, n + 1):
+        agent.exec(ch, ["head", "-c", "600000", "/dev/zero"])
+    time.sleep(1.0)
+    grown = rss_kib(agent.proc.pid) - base
+    assert grown < 1536, f"sm-init grew by {grown} KiB"
+    for ch in range(1, n + 1):
+        r = agent.wait(ch, timeout=30)
+        assert (len(r.stdout), r.code) == (600000, 0)
+
+
+def test_tty_stdin_and_resize(agent: Agent) -> None:
+    agent.exec(1, ["sh", "-c", "read x; stty size; echo got $x"], flags=F_TTY | F_STDIN)
+    agent.expect(STARTED)
+    agent.send(frame(RESIZE, 1, struct.pack("<HH", 40, 120)))
+    agent.stdin(1, b"hello\n")  # EOF on a pty is ignored: the process ends by itself
+    r = agent.wait(1)
+    out = r.stdout.replace(b"\r\n", b"\n")
+    assert b"40 120\ngot hello\n" in out and (r.kind, r.code) == (0, 0)

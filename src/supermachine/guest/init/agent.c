@@ -317,6 +317,8 @@ static void read_output(struct agent *a, struct session *s, int stream)
 	ssize_t n;
 	if (!s->attached) {
 		n = read(*fd, a->scratch, SM_MAX_PAYLOAD);
+	} else if (buf_used(&a->out) >= OUT_SOFT) {
+		return; /* checked per read: one poll round may wake many sessions */
 	} else {
 		size_t want = s->credit[stream] < SM_MAX_PAYLOAD ? (size_t)s->credit[stream]
 								 : SM_MAX_PAYLOAD;
