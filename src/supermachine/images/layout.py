@@ -73,9 +73,8 @@ def select_tagged(entries: list[mf.Descriptor], tag: str | None, where: str) -> 
         return entries[0]
     else:
         for d in entries:
-            if d.annotation(REF_NAME) in ("latest",) or (
-                d.annotation(REF_NAME) or ""
-            ).endswith(":latest"):
+            name = d.annotation(REF_NAME) or ""
+            if name == "latest" or name.endswith(":latest"):
                 return d
     tags = sorted(n for d in entries if (n := d.annotation(REF_NAME)))
     shown = ", ".join(tags[:20]) or "no tags"
