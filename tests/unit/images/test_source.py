@@ -234,3 +234,27 @@ def test_platform_mismatch(home: Home) -> None:
     with pytest.raises(ImageError, match="not the requested linux/arm64"):
         open_image(str(fx.busybox()), home, platform="linux/arm64")
     assert open_image(str(fx.busybox()), home, platform="linux/amd64").architecture == "amd64"
+
+
+def test_layout_with_nested_multi_platform_index(tmp_path: Path, home: Home) -> None:
+    layout = copy_layout(tmp_path)
+    top = json.loads((layout / "index.json").read_text())
+    mdesc = dict(top["manifests"][0])
+    mdesc.pop("annotations")
+    entries = [{**mdesc, "platform": {"os": "linux", "architecture": "amd64"}},
+               {**mdesc, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}]
+    blob = json.dumps({"schemaVersion": 2, "mediaType": fx.OCI_INDEX,
+                       "manifests": entries}).encode()
+    d = fx._put_blob(layout, blob)
+    top["manifests"] = [
+        {"mediaType": fx.OCI_INDEX, **d, "annotations": {fx.REF_NAME_KEY: "v1"}},
+        {**mdesc, "annotations": {fx.REF_NAME_KEY: "other"}},
+    ]
+    (layout / "index.json").write_text(json.dumps(top))
+    img = open_image(f"oci:{layout}:v1", home, platform="linux/amd64")
+    assert img.manifest_digest == mdesc["digest"]
+    # the arm64 entry points at an amd64 config: the mismatch is caught
+    with pytest.raises(ImageError, match="not the requested linux/arm64"):
+        open_image(f"oci:{layout}:v1", home, platform="linux/arm64")
+    with pytest.raises(ImageError, match="several images"):
+        open_image(str(layout), home)
