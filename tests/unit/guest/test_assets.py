@@ -1,0 +1,138 @@
+"""ensure_guest_assets: caching, fingerprints, command line, and the init binary lookup."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from supermachine.errors import GuestError
+from supermachine.guest import assets as a
+from supermachine.guest.kernel import fetch_kernel
+from supermachine.home import Home
+
+
+def fake_bzimage(release: str, payload: bytes = b"") -> bytes:
+    head = bytearray(0x400)
+    head[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", head, 0x206, 0x20F)
+    struct.pack_into("<H", head, 0x20E, 0x100)
+    text = f"{release} (x@y) #1".encode() + b"\0"
+    head[0x300 : 0x300 + len(text)] = text
+    return bytes(head) + payload
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Home, Path, Path]:
+    vmlinuz = tmp_path / "vmlinuz"
+    vmlinuz.write_bytes(fake_bzimage("6.9.0-test", b"kernel body"))
+    init = tmp_path / "sm-init"
+    init.write_bytes(b"\x7fELF init v1")
+    return Home(tmp_path / "home"), vmlinuz, init
+
+
+def test_generated_initrd_is_cached_and_unpacks(setup: tuple[Home, Path, Path]) -> None:
+    home, vmlinuz, init = setup
+    first = a.ensure_guest_assets(home, kernel=vmlinuz, init=init, tsc_khz=2_000_000)
+    assert first.kernel == vmlinuz and first.kernel_version == "6.9.0-test"
+    assert first.initrd.parent == home.guest
+    mtime = first.initrd.stat().st_mtime_ns
+    again = a.ensure_guest_assets(home, kernel=vmlinuz, init=init, tsc_khz=2_000_000)
+    assert again == first and again.initrd.stat().st_mtime_ns == mtime  # not rebuilt
+    names = subprocess.run(
+        ["cpio", "-it", "--quiet"], input=first.initrd.read_bytes(), capture_output=True,
+        check=True,
+    ).stdout.decode().split()
+    assert "init" in names and "sm/modules" in names and "dev/console" in names
+
+
+def test_fingerprint_tracks_kernel_initrd_init_and_cmdline(
+    setup: tuple[Home, Path, Path], tmp_path: Path
+) -> None:
+    home, vmlinuz, init = setup
+    base = a.ensure_guest_assets(home, kernel=vmlinuz, init=init, tsc_khz=2_000_000)
+    seen = {base.fingerprint}
+
+    init.write_bytes(b"\x7fELF init v2")  # new init -> new initramfs and fingerprint
+    new_init = a.ensure_guest_assets(home, kernel=vmlinuz, init=init, tsc_khz=2_000_000)
+    assert new_init.initrd != base.initrd
+    seen.add(new_init.fingerprint)
+
+    vmlinuz.write_bytes(fake_bzimage("6.9.0-test", b"other body"))  # same version, new bytes
+    seen.add(a.ensure_guest_assets(home, kernel=vmlinuz, init=init, tsc_khz=2_000_000).fingerprint)
+
+    user_initrd = tmp_path / "initrd.img"
+    user_initrd.write_bytes(b"one")
+    seen.add(a.ensure_guest_assets(home, kernel=vmlinuz, initrd=user_initrd).fingerprint)
+    user_initrd.write_bytes(b"two")
+    with_two = a.ensure_guest_assets(home, kernel=vmlinuz, initrd=user_initrd, tsc_khz=2_000_000)
+    seen.add(with_two.fingerprint)
+    assert with_two.initrd == user_initrd
+
+    other_tsc = a.ensure_guest_assets(home, kernel=vmlinuz, initrd=user_initrd, tsc_khz=3_000_000)
+    seen.add(other_tsc.fingerprint)
+    assert len(seen) == 6
+
+
+def test_bad_inputs_are_guest_errors(setup: tuple[Home, Path, Path], tmp_path: Path) -> None:
+    home, vmlinuz, init = setup
+    corrupt = tmp_path / "corrupt"
+    corrupt.write_bytes(os.urandom(4096))
+    with pytest.raises(GuestError):
+        a.ensure_guest_assets(home, kernel=corrupt, init=init)
+    with pytest.raises(GuestError, match="cannot read"):
+        a.ensure_guest_assets(home, kernel=vmlinuz, initrd=tmp_path / "nope")
+    with pytest.raises(GuestError, match="cannot read"):
+        a.ensure_guest_assets(home, kernel=vmlinuz, init=tmp_path / "no-init")
+
+
+def test_init_binary_is_built_or_says_how() -> None:
+    path = a.INIT_DIR / "sm-init"
+    if path.is_file():
+        assert a.init_binary() == path
+        assert path.read_bytes()[:4] == b"\x7fELF"
+    else:
+        with pytest.raises(GuestError, match="make -C"):
+            a.init_binary()
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "khz"),
+    [
+        ("model name\t: Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz\ncpu MHz\t\t: 1200.000\n",
+         2_400_000),
+        ("model name\t: Intel(R) Xeon(R) Processor\ncpu MHz\t\t: 2100.000\n", 2_100_000),
+        ("model name\t: AMD EPYC\n", a.FALLBACK_TSC_KHZ),
+        ("cpu MHz\t\t: 5.0\n", a.FALLBACK_TSC_KHZ),
+    ],
+)
+def test_host_tsc_khz(cpuinfo: str, khz: int) -> None:
+    assert a.host_tsc_khz(cpuinfo) == khz
+
+
+def test_cmdline_is_microvm_ready() -> None:
+    line = a.boot_cmdline(2_100_000)
+    assert "console=ttyS0" in line and "tsc_early_khz=2100000" in line
+    assert "panic=-1" in line and "pci=off" in line
+    assert a.host_tsc_khz() >= 100_000  # kHz, not MHz: a MHz figure here hangs the guest
+
+
+def test_real_assets_with_fetched_kernel(tmp_path: Path) -> None:
+    root = os.environ.get("SUPERMACHINE_HOME") or "/var/tmp/supermachine-test-home"
+    home = Home(Path(root))
+    kern = fetch_kernel(home)
+    init = tmp_path / "sm-init"
+    init.write_bytes(b"\x7fELF stand-in init")
+    got = a.ensure_guest_assets(home, init=init)
+    assert got.kernel == kern.vmlinuz and got.kernel_version == kern.version
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet"], input=got.initrd.read_bytes(), cwd=dest, check=True)
+    listed = (dest / "sm/modules").read_text().splitlines()
+    assert "/sm/ko/virtio_mmio.ko" in listed and "/sm/ko/overlay.ko" in listed
+    assert listed.index("/sm/ko/virtio_ring.ko") < listed.index("/sm/ko/virtio_blk.ko")
+    for p in listed:
+        assert (dest / p.lstrip("/")).read_bytes()[:4] == b"\x7fELF"
