@@ -41,6 +41,6 @@ echo "==> installing supermachine into .venv (builds the guest init)"
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 
 echo "==> building the demo image (busybox, from Debian's busybox-static)"
-IMAGE=$(.venv/bin/python -m tests.fixtures.images path busybox)
+IMAGE=$(.venv/bin/python -c "from tests.fixtures import images; print(images.busybox())")
 echo "==> demo: .venv/bin/supermachine run $IMAGE sh -c 'echo hello from \$(uname -sr) in a microVM'"
 .venv/bin/supermachine run "$IMAGE" sh -c 'echo hello from $(uname -sr) in a microVM; cat /etc/os-release 2>/dev/null | head -1 || true'
