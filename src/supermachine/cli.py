@@ -7,13 +7,14 @@ and every command pay only for what they use (Python start-up counts in every fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 
-from .errors import Error
+from .errors import Error, UsageError, VMError
 
 PROG = "supermachine"
 
@@ -28,6 +29,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", default="1", help="virtual CPUs (default 1)")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="keep stdin open even when it is a terminal")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="give the command a terminal (raw mode here; use with -i)")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background and print the VM's name")
+    p.add_argument("--name", metavar="NAME", help="name of a detached VM (default: generated)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                    help="accelerator (default: hardware KVM when usable, else TCG)")
     p.add_argument("--kernel", metavar="PATH", help="guest kernel to boot instead of the default")
@@ -96,7 +102,52 @@ def build_parser() -> argparse.ArgumentParser:
     logout = sub.add_parser("logout", help="forget registry credentials")
     logout.add_argument("registry", metavar="REGISTRY")
     logout.set_defaults(func=cmd_logout)
+    _add_vm_commands(sub)
     return parser
+
+
+def _add_vm_commands(sub) -> None:
+    """Commands on detached VMs (`run -d`), found by name from any shell of the same user."""
+    ex = sub.add_parser("exec", help="run a command in a running detached VM")
+    ex.add_argument("-i", "--interactive", action="store_true", help="pass stdin through")
+    ex.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    ex.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]",
+                    help="set an environment variable (KEY alone copies it from here)")
+    ex.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the VM")
+    ex.add_argument("-u", "--user", metavar="USER", help="user[:group] or uid[:gid] to run as")
+    ex.add_argument("vm", metavar="VM")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
+    ex.set_defaults(func=cmd_exec)
+
+    cp = sub.add_parser("cp", help="copy a file between here and a VM (VM:PATH on one side)")
+    cp.add_argument("src", metavar="SRC")
+    cp.add_argument("dst", metavar="DST")
+    cp.set_defaults(func=cmd_cp)
+
+    ps = sub.add_parser("ps", help="list detached VMs")
+    ps.add_argument("-a", "--all", action="store_true", help="include stopped VMs")
+    ps.add_argument("-q", "--quiet", action="store_true", help="names only")
+    ps.set_defaults(func=cmd_ps)
+
+    logs = sub.add_parser("logs", help="show the output of a detached VM's main command")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow until the VM exits")
+    logs.add_argument("vm", metavar="VM")
+    logs.set_defaults(func=cmd_logs)
+
+    stop = sub.add_parser("stop", help="stop detached VMs (stop signal, then kill)")
+    stop.add_argument("-t", "--time", type=float, default=10.0, metavar="SECS",
+                      help="seconds to wait before killing (default 10)")
+    stop.add_argument("vms", nargs="+", metavar="VM")
+    stop.set_defaults(func=cmd_stop)
+
+    rm = sub.add_parser("rm", help="remove stopped detached VMs")
+    rm.add_argument("-f", "--force", action="store_true", help="stop running ones first")
+    rm.add_argument("vms", nargs="+", metavar="VM")
+    rm.set_defaults(func=cmd_rm)
+
+    inspect = sub.add_parser("inspect", help="show detached VMs' state as JSON")
+    inspect.add_argument("vms", nargs="+", metavar="VM")
+    inspect.set_defaults(func=cmd_inspect)
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -111,6 +162,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import vm as vm_mod
     from .workload import parse_cpus, parse_memory
 
+    if args.detach:
+        return _run_detached(args)
+    if args.name:
+        raise UsageError("--name is for detached VMs: add -d")
+    if args.tty:
+        return _run_tty(args)
     stdin_piped = not os.isatty(0) if _fd_open(0) else False
     forward_stdin = args.interactive or stdin_piped
     machine = vm_mod.VM(
@@ -138,6 +195,349 @@ def cmd_run(args: argparse.Namespace) -> int:
             stdout_fd=1,
             stderr_fd=2,
         )
+
+
+def _vm_options(args: argparse.Namespace) -> dict[str, object]:
+    """How a detached VM's supervisor boots the VM and runs the workload (JSON-able)."""
+    from .workload import parse_cpus, parse_memory
+
+    return {
+        "memory": parse_memory(args.memory), "cpus": parse_cpus(args.cpus),
+        "accel": args.accel, "kernel": _abspath(args.kernel), "initrd": _abspath(args.initrd),
+        "pull": args.pull, "platform": args.platform,
+        "insecure": list(args.insecure_registry), "ca_file": _abspath(args.ca_file),
+        "verbose": args.verbose or args.debug,
+        "entrypoint": args.entrypoint, "cmd": list(args.cmd), "env": _expand_env(args.env),
+        "workdir": args.workdir, "user": args.user, "stdin": args.interactive, "tty": args.tty,
+    }
+
+
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+def _expand_env(items: Sequence[str]) -> list[str]:
+    """`-e KEY` copies KEY from here (dropped if unset), as docker does; KEY=VALUE stays."""
+    out = []
+    for item in items:
+        key, sep, _ = item.partition("=")
+        if not key or "\0" in item:
+            raise UsageError(f"invalid environment variable {item!r}: expected KEY=VALUE")
+        if sep:
+            out.append(item)
+        elif key in os.environ:
+            out.append(f"{key}={os.environ[key]}")
+    return out
+
+
+def _run_detached(args: argparse.Namespace) -> int:
+    from .detached import validate_name
+    from .supervisor import launch
+
+    name = launch(_home(args), validate_name(args.name) if args.name else None,
+                  _image_arg(args.image), _vm_options(args))
+    print(name)
+    return 0
+
+
+def _image_arg(image: str) -> str:
+    """Local paths are made absolute: the supervisor runs from /."""
+    from .images.source import parse_source
+
+    src = parse_source(image)
+    if src is None:
+        return image
+    path = os.path.abspath(src.path)
+    if src.kind == "auto":
+        return path
+    return f"{src.kind}:{path}" + (f":{src.tag}" if src.tag else "")
+
+
+def _run_tty(args: argparse.Namespace) -> int:
+    """Attached `run -t`: the workload on a guest terminal, this terminal in raw mode."""
+    from . import terminal
+    from . import vm as vm_mod
+    from .workload import resolve
+
+    terminal.require_tty(0)
+    machine = vm_mod.VM(
+        args.image, memory=args.memory, cpus=args.cpus, accel=args.accel, kernel=args.kernel,
+        initrd=args.initrd, home=_home(args), verbose=args.verbose or args.debug,
+        on_notice=_notice, pull=args.pull, platform=args.platform,
+        registry_options=_registry_options(args))
+    with machine:
+        cfg = machine.image.config
+        work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
+                       working_dir=cfg.working_dir, user=cfg.user,
+                       entrypoint_override=args.entrypoint, cmd_override=args.cmd or None,
+                       env_overrides=args.env, workdir_override=args.workdir,
+                       user_override=args.user, caller_env=os.environ)
+        proc = machine.spawn(list(work.argv), env=list(work.env), cwd=work.cwd, user=work.user,
+                             stdin=args.interactive, tty=True, winsize=terminal.winsize(0))
+        with proc, terminal.raw_mode(0):
+            status = terminal.pump(proc, stdin_fd=0 if args.interactive else None, tty_fd=0)
+    return _report_exit(status)
+
+
+def _report_exit(status) -> int:
+    if status.error:
+        print(f"{PROG}: {status.error}", file=sys.stderr)
+    return status.exit_code
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from . import detached, remote, terminal
+    from .control import ExecRequest
+
+    if not args.cmd:
+        raise UsageError("exec needs a command after the VM name")
+    if args.tty:
+        terminal.require_tty(0)
+    d = detached.find(_home(args), args.vm)
+    if not d.state_now().running:
+        raise VMError(f"VM {d.name} is not running; start a new one with `supermachine run -d`")
+    req = ExecRequest(argv=tuple(args.cmd), env=tuple(_expand_env(args.env)), cwd=args.workdir,
+                      user=args.user, stdin=args.interactive, tty=args.tty,
+                      winsize=terminal.winsize(0) if args.tty else None)
+    with remote.exec_in(d, req) as proc:
+        raw = terminal.raw_mode(0) if args.tty and args.interactive else _nothing()
+        with raw:
+            status = terminal.pump(proc, stdin_fd=0 if args.interactive else None,
+                                   tty_fd=0 if args.tty else None)
+    return _report_exit(status)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def _split_vm_path(arg: str) -> tuple[str | None, str]:
+    """`NAME:PATH` -> (NAME, PATH); a local path (with a / before any colon) -> (None, arg)."""
+    from .detached import NAME_RE
+
+    name, sep, path = arg.partition(":")
+    if sep and NAME_RE.match(name):
+        return name, path
+    return None, arg
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from . import detached, remote
+
+    src_vm, src = _split_vm_path(args.src)
+    dst_vm, dst = _split_vm_path(args.dst)
+    if (src_vm is None) == (dst_vm is None):
+        raise UsageError("cp copies between here and a VM: give VM:PATH as exactly one side")
+    home = _home(args)
+    if dst_vm is not None:  # host -> VM
+        d = detached.find(home, dst_vm)
+        _need_running(d)
+        if os.path.isdir(src):
+            raise UsageError(f"{src} is a directory; cp copies files (tar it, copy the "
+                             "archive, and `exec ... tar x` it)")
+        target = _guest_abs(dst)
+        if target.endswith("/"):
+            target += os.path.basename(src)
+        with open(src, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode & 0o7777
+            try:
+                remote.write_file_from(d, target, f, mode)
+            except VMError as e:
+                if not remote.is_dir_error(e):
+                    raise
+                f.seek(0)  # DST is a directory in the VM: copy into it, as cp does
+                remote.write_file_from(d, f"{target}/{os.path.basename(src)}", f, mode)
+        return 0
+    d = detached.find(home, src_vm)  # VM -> host
+    _need_running(d)
+    source = _guest_abs(src)
+    if dst == "-":
+        remote.read_file_to(d, source, sys.stdout.buffer)
+        sys.stdout.flush()
+        return 0
+    target = os.path.join(dst, os.path.basename(source.rstrip("/"))) if os.path.isdir(dst) \
+        else dst
+    from pathlib import Path
+
+    from .home import atomic_path
+
+    try:
+        with atomic_path(Path(target)) as tmp, open(tmp, "wb") as f:
+            remote.read_file_to(d, source, f)
+    except VMError as e:
+        if remote.is_dir_error(e):
+            raise VMError(f"{source} is a directory in the VM; cp copies files (tar it "
+                          "there with `exec`, then copy the archive)") from None
+        raise
+    return 0
+
+
+def _guest_abs(path: str) -> str:
+    if not path:
+        raise UsageError("give a path after VM:")
+    return path if path.startswith("/") else "/" + path
+
+
+def _need_running(d) -> None:
+    if not d.state_now().running:
+        raise VMError(f"VM {d.name} is not running; files of stopped VMs are gone with them")
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    import shlex
+    import time
+
+    from . import detached
+
+    now = time.time()
+    states = [s for s in detached.list_states(_home(args)) if args.all or s.running]
+    if args.quiet:
+        for s in states:
+            print(s.record.name)
+        return 0
+    rows = [("NAME", "IMAGE", "COMMAND", "CREATED", "STATUS")]
+    for s in states:
+        r = s.record
+        command = shlex.join(r.command)
+        if len(command) > 30:
+            command = command[:29] + "…"
+        rows.append((r.name, _short_image(r.image), f'"{command}"',
+                     f"{detached.human_duration(now - r.created)} ago",
+                     detached.status_text(s, now)))
+    _print_table(rows)
+    return 0
+
+
+def _short_image(image: str) -> str:
+    return image if len(image) <= 40 else "…" + image[-39:]
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import time
+
+    from . import detached
+    from .control import Decoder, Kind
+
+    d = detached.find(_home(args), args.vm)
+    decoder = Decoder()
+    out = {Kind.STDOUT: sys.stdout.buffer, Kind.STDERR: sys.stderr.buffer}
+    try:
+        f = open(d.log, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return 0
+    with f:
+        while True:
+            chunk = f.read(1 << 16)
+            if chunk:
+                for frame in decoder.feed(chunk):
+                    stream = out.get(frame.kind)
+                    if stream is not None:
+                        stream.write(frame.payload)
+                        stream.flush()
+                continue
+            if not args.follow:
+                break
+            if not d.alive():
+                # The supervisor is gone: whatever it wrote is there now; read it and stop.
+                if not (rest := f.read()):
+                    break
+                f.seek(-len(rest), os.SEEK_CUR)
+                continue
+            time.sleep(0.1)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from . import detached
+
+    home = _home(args)
+    for name in args.vms:
+        d = detached.find(home, name)
+        _stop(d, args.time)
+        print(name)
+    return 0
+
+
+def _stop(d, timeout: float) -> None:
+    """Stop signal, kill after ``timeout``; returns once the supervisor (and QEMU) is gone."""
+    import time
+
+    from . import remote
+
+    if not d.alive():
+        return
+    try:
+        remote.request_stop(d, timeout)
+    except VMError:
+        _signal_supervisor(d, signal.SIGTERM)  # still starting: no socket yet
+    deadline = time.monotonic() + timeout + 30
+    while d.alive():
+        if time.monotonic() > deadline:
+            _signal_supervisor(d, signal.SIGKILL)  # QEMU dies with it (PR_SET_PDEATHSIG)
+            deadline = time.monotonic() + 10
+        time.sleep(0.05)
+
+
+def _signal_supervisor(d, signo: int) -> None:
+    try:
+        pid = d.read().supervisor_pid
+    except VMError:
+        return
+    # The lock is still held, so the recorded pid is the live supervisor's, not a reused one.
+    if pid and d.alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signo)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from . import detached
+
+    home = _home(args)
+    failed = 0
+    for name in args.vms:
+        try:
+            d = detached.find(home, name)
+            if d.alive():
+                if not args.force:
+                    raise VMError(f"VM {name} is running; stop it first or use `rm -f`")
+                _stop(d, 0)
+            detached.remove(d)
+            print(name)
+        except VMError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            failed = 1
+    return failed
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from datetime import UTC, datetime
+
+    from . import detached
+
+    def iso(t: float | None) -> str | None:
+        return datetime.fromtimestamp(t, UTC).isoformat() if t else None
+
+    home = _home(args)
+    out = []
+    for name in args.vms:
+        s = detached.find(home, name).state_now()
+        r = s.record
+        info = asdict(r)
+        info.update(created=iso(r.created), started=iso(r.started), finished=iso(r.finished))
+        info["state"] = {"status": s.status, "running": s.running, "dead": s.status == "dead",
+                         "exit_code": r.exit_code, "error": r.error}
+        out.append(info)
+    print(json.dumps(out, indent=2))
+    return 0
 
 
 def _registry_options(args: argparse.Namespace) -> dict[str, object]:

@@ -1,0 +1,248 @@
+"""The CLI <-> supervisor protocol of detached VMs: pure code, bytes in, frames out.
+
+One unix-socket connection carries one operation. The client sends a REQUEST frame (a JSON
+object, validated by `parse_request`), then STDIN/EOF/RESIZE/SIGNAL frames as the operation
+needs; the supervisor answers with STDOUT/STDERR frames and ends with one EXIT frame (JSON:
+``{"code": N, "error": "..."}``). The same frame format stores a detached VM's log file
+(STDOUT/STDERR records), so `logs` can tell the two streams apart.
+
+Frame: ``u8 kind | u32 length (little-endian) | payload``, length <= MAX_PAYLOAD. Either side
+is a different process of the same user, but a buggy or stale peer must not make the other
+allocate without bound: every length is capped and anything malformed raises ControlError.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import VMError
+
+MAX_PAYLOAD = 1 << 16
+MAX_ARGS = 4096  # argv or env entries in one request
+MAX_PATH = 4096
+_HEADER = struct.Struct("<BI")
+_RESIZE = struct.Struct("<HH")
+_SIGNAL = struct.Struct("<B")
+
+
+class ControlError(VMError):
+    """A malformed or oversized message on a detached VM's control socket."""
+
+
+class Kind(IntEnum):
+    REQUEST = 1  # client -> supervisor, JSON object, first frame only
+    STDIN = 2  # client -> supervisor, bytes
+    EOF = 3  # client -> supervisor, stdin ended (empty payload)
+    RESIZE = 4  # client -> supervisor, u16 rows, u16 cols
+    SIGNAL = 5  # client -> supervisor, u8 signal number
+    STDOUT = 6  # supervisor -> client (and log records)
+    STDERR = 7  # supervisor -> client (and log records)
+    EXIT = 8  # supervisor -> client, JSON object, last frame
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    payload: bytes
+
+
+def encode(kind: Kind, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_data(kind: Kind, data: bytes) -> bytes:
+    """Any amount of data as as many frames as it takes."""
+    view = memoryview(data)
+    return b"".join(encode(kind, bytes(view[i:i + MAX_PAYLOAD]))
+                    for i in range(0, len(view), MAX_PAYLOAD))
+
+
+def encode_json(kind: Kind, obj: dict[str, object]) -> bytes:
+    payload = json.dumps(obj, separators=(",", ":")).encode()
+    if len(payload) > MAX_PAYLOAD:
+        raise ControlError("the request is too large (too many or too long arguments)")
+    return encode(kind, payload)
+
+
+def encode_resize(rows: int, cols: int) -> bytes:
+    return encode(Kind.RESIZE, _RESIZE.pack(min(max(rows, 0), 0xFFFF), min(max(cols, 0), 0xFFFF)))
+
+
+def encode_signal(signo: int) -> bytes:
+    if not 1 <= signo <= 64:
+        raise ValueError(f"invalid signal number {signo}")
+    return encode(Kind.SIGNAL, _SIGNAL.pack(signo))
+
+
+class Decoder:
+    """Incremental frame parser; holds at most one partial frame (<= MAX_PAYLOAD + 5 bytes)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while len(self._buf) >= _HEADER.size:
+            kind, length = _HEADER.unpack_from(self._buf)
+            if kind not in Kind._value2member_map_:
+                raise ControlError(f"unknown control frame type {kind}")
+            if length > MAX_PAYLOAD:
+                raise ControlError(f"control frame of {length} bytes exceeds {MAX_PAYLOAD}")
+            end = _HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append(Frame(Kind(kind), bytes(self._buf[_HEADER.size:end])))
+            del self._buf[:end]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame (non-zero at EOF means the peer was cut off)."""
+        return len(self._buf)
+
+
+def parse_json(frame: Frame) -> dict[str, object]:
+    try:
+        obj = json.loads(frame.payload)
+    except (UnicodeDecodeError, ValueError):
+        raise ControlError(f"{frame.kind.name} frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ControlError(f"{frame.kind.name} frame is not a JSON object")
+    return obj
+
+
+def parse_resize(frame: Frame) -> tuple[int, int]:
+    if len(frame.payload) != _RESIZE.size:
+        raise ControlError("RESIZE frame has the wrong size")
+    rows, cols = _RESIZE.unpack(frame.payload)
+    return rows, cols
+
+
+def parse_signal(frame: Frame) -> int:
+    if len(frame.payload) != _SIGNAL.size or not 1 <= frame.payload[0] <= 64:
+        raise ControlError("SIGNAL frame is malformed")
+    return frame.payload[0]
+
+
+# ---- requests ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExecRequest:
+    argv: tuple[str, ...]
+    env: tuple[str, ...] = ()
+    cwd: str | None = None
+    user: str | None = None
+    stdin: bool = False
+    tty: bool = False
+    winsize: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    path: str
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    path: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    timeout: float = 10.0
+
+
+Request = ExecRequest | ReadRequest | WriteRequest | StopRequest
+
+
+def encode_request(req: Request) -> bytes:
+    if isinstance(req, ExecRequest):
+        obj: dict[str, object] = {
+            "op": "exec", "argv": list(req.argv), "env": list(req.env), "cwd": req.cwd,
+            "user": req.user, "stdin": req.stdin, "tty": req.tty,
+            "winsize": list(req.winsize) if req.winsize else None}
+    elif isinstance(req, ReadRequest):
+        obj = {"op": "read", "path": req.path}
+    elif isinstance(req, WriteRequest):
+        obj = {"op": "write", "path": req.path, "mode": req.mode}
+    else:
+        obj = {"op": "stop", "timeout": req.timeout}
+    return encode_json(Kind.REQUEST, obj)
+
+
+def parse_request(frame: Frame) -> Request:
+    """Validate the first frame of a connection into a typed request."""
+    if frame.kind != Kind.REQUEST:
+        raise ControlError(f"expected a REQUEST frame, got {frame.kind.name}")
+    obj = parse_json(frame)
+    op = obj.get("op")
+    if op == "exec":
+        argv = _str_list(obj.get("argv"), "argv")
+        if not argv:
+            raise ControlError("exec request has an empty argv")
+        winsize = obj.get("winsize")
+        ws: tuple[int, int] | None = None
+        if winsize is not None:
+            if not (isinstance(winsize, list) and len(winsize) == 2 and
+                    all(_is_int(v) and 0 <= v <= 0xFFFF for v in winsize)):
+                raise ControlError("exec request has a malformed winsize")
+            ws = (winsize[0], winsize[1])
+        return ExecRequest(argv=argv, env=_str_list(obj.get("env", []), "env"),
+                           cwd=_opt_str(obj.get("cwd"), "cwd"),
+                           user=_opt_str(obj.get("user"), "user"),
+                           stdin=_bool(obj.get("stdin", False), "stdin"),
+                           tty=_bool(obj.get("tty", False), "tty"), winsize=ws)
+    if op == "read":
+        return ReadRequest(_path(obj.get("path")))
+    if op == "write":
+        mode = obj.get("mode", 0o644)
+        if not _is_int(mode) or not 0 <= mode <= 0o7777:
+            raise ControlError("write request has a malformed mode")
+        return WriteRequest(_path(obj.get("path")), mode)
+    if op == "stop":
+        timeout = obj.get("timeout", 10.0)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or \
+                not 0 <= timeout <= 86400:
+            raise ControlError("stop request has a malformed timeout")
+        return StopRequest(float(timeout))
+    raise ControlError(f"unknown request {op!r}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str_list(v: object, what: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) > MAX_ARGS or not all(isinstance(s, str) for s in v):
+        raise ControlError(f"request field {what} must be a list of strings")
+    if any("\0" in s for s in v):
+        raise ControlError(f"request field {what} contains a NUL byte")
+    return tuple(v)
+
+
+def _opt_str(v: object, what: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or "\0" in v or len(v) > MAX_PATH:
+        raise ControlError(f"request field {what} must be a string")
+    return v
+
+
+def _path(v: object) -> str:
+    path = _opt_str(v, "path")
+    if not path or not path.startswith("/"):
+        raise ControlError("request path must be absolute")
+    return path
+
+
+def _bool(v: object, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise ControlError(f"request field {what} must be true or false")
+    return v

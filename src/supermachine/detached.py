@@ -1,0 +1,286 @@
+"""State of detached VMs under ``home.vms/<name>/``: names, records, liveness, listing.
+
+Each VM directory (mode 0700: only its user may reach the socket) holds::
+
+    state.json      the record (written atomically by the supervisor and the CLI)
+    lock            flock-held by the supervisor for its whole life: free lock = dead
+    sock            the supervisor's control socket (see control.py)
+    log             the main workload's output as control.py STDOUT/STDERR frames
+    supervisor.log  the supervisor's own stderr, for debugging
+
+Liveness never trusts state.json alone: a supervisor that was SIGKILLed leaves a record that
+says "running", but its lock is free, so it is reported dead and can be removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .errors import UsageError, VMError
+from .home import Home, atomic_write_bytes
+
+NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}\Z")
+MAX_STATE = 1 << 20  # state.json is ours, but a corrupt one must not be read unbounded
+
+STARTING, RUNNING, EXITED, DEAD = "starting", "running", "exited", "dead"
+
+_ADJECTIVES = ("brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucid",
+               "merry", "nimble", "proud", "quiet", "swift", "tender", "vivid", "witty", "zen")
+_NOUNS = ("ada", "babbage", "curie", "darwin", "euler", "fermi", "gauss", "hopper", "knuth",
+          "lovelace", "noether", "pascal", "ritchie", "shannon", "turing", "wozniak")
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    name: str
+    id: str
+    image: str
+    command: list[str]
+    created: float
+    status: str = STARTING
+    supervisor_pid: int | None = None
+    qemu_pid: int | None = None
+    started: float | None = None
+    finished: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    memory_mib: int | None = None
+    cpus: int | None = None
+    options: dict[str, object] = field(default_factory=dict)  # how to run the workload
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> VMRecord:
+        obj = json.loads(data)
+        if not isinstance(obj, dict):
+            raise ValueError("not an object")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in obj.items() if k in known})
+
+
+@dataclass(frozen=True)
+class VMState:
+    """A record plus what the lock says about it right now."""
+
+    record: VMRecord
+    alive: bool
+
+    @property
+    def status(self) -> str:
+        if self.alive:
+            return self.record.status if self.record.status in (STARTING, RUNNING) else RUNNING
+        return EXITED if self.record.status == EXITED else DEAD
+
+    @property
+    def running(self) -> bool:
+        return self.status in (STARTING, RUNNING)
+
+
+class VMDir:
+    """Paths of one detached VM's state directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = path.name
+
+    state = property(lambda self: self.path / "state.json")
+    lock = property(lambda self: self.path / "lock")
+    sock = property(lambda self: self.path / "sock")
+    log = property(lambda self: self.path / "log")
+    supervisor_log = property(lambda self: self.path / "supervisor.log")
+
+    def read(self) -> VMRecord:
+        try:
+            with open(self.state, "rb") as f:
+                data = f.read(MAX_STATE + 1)
+        except FileNotFoundError:
+            raise VMError(f"no such VM: {self.name}") from None
+        if len(data) > MAX_STATE:
+            raise VMError(f"the state of VM {self.name} is corrupt; remove it with "
+                          f"`supermachine rm {self.name}`")
+        try:
+            return VMRecord.from_json(data)
+        except (ValueError, TypeError):
+            raise VMError(f"the state of VM {self.name} is corrupt; remove it with "
+                          f"`supermachine rm {self.name}`") from None
+
+    def write(self, record: VMRecord) -> None:
+        atomic_write_bytes(self.state, record.to_json(), mode=0o600)
+
+    def update(self, **changes: object) -> VMRecord:
+        record = replace(self.read(), **changes)
+        self.write(record)
+        return record
+
+    def alive(self) -> bool:
+        """True while a supervisor holds the lock (flock dies with its holder)."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def state_now(self) -> VMState:
+        return VMState(self.read(), self.alive())
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(f"invalid VM name {name!r}: use letters, digits and _.- "
+                         "(starting with a letter or digit, at most 128 characters)")
+    return name
+
+
+def vm_dir(home: Home, name: str) -> VMDir:
+    return VMDir(home.vms / validate_name(name))
+
+
+def create(home: Home, name: str | None) -> VMDir:
+    """Reserve a name (given or generated): its directory is created exclusively."""
+    if name is not None:
+        d = vm_dir(home, name)
+        try:
+            d.path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise VMError(f"the name {name!r} is already in use by a VM; remove it with "
+                          f"`supermachine rm {name}` or choose another --name") from None
+        return d
+    for attempt in range(100):
+        candidate = f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}"
+        if attempt >= 20:
+            candidate += f"_{secrets.token_hex(2)}"
+        d = vm_dir(home, candidate)
+        with contextlib.suppress(FileExistsError):
+            d.path.mkdir(mode=0o700)
+            return d
+    raise VMError("cannot find a free VM name; give one with --name")
+
+
+def new_id() -> str:
+    return secrets.token_hex(32)
+
+
+def find(home: Home, name_or_id: str) -> VMDir:
+    """A VM by name, or by a unique prefix of its id (as docker accepts)."""
+    if NAME_RE.match(name_or_id) and (home.vms / name_or_id).is_dir():
+        return VMDir(home.vms / name_or_id)
+    if re.fullmatch(r"[0-9a-f]{4,64}", name_or_id):
+        matches = [s.record.name for s in list_states(home)
+                   if s.record.id.startswith(name_or_id)]
+        if len(matches) == 1:
+            return VMDir(home.vms / matches[0])
+        if len(matches) > 1:
+            raise VMError(f"{name_or_id!r} matches several VMs; use a name")
+    raise VMError(f"no such VM: {name_or_id} (see `supermachine ps -a`)")
+
+
+def iter_dirs(home: Home) -> Iterator[VMDir]:
+    for entry in sorted(home.vms.iterdir()):
+        if entry.is_dir() and NAME_RE.match(entry.name):
+            yield VMDir(entry)
+
+
+def list_states(home: Home) -> list[VMState]:
+    """Every VM with a readable record, newest first; half-created ones are skipped."""
+    states = []
+    for d in iter_dirs(home):
+        with contextlib.suppress(VMError):
+            states.append(d.state_now())
+    states.sort(key=lambda s: s.record.created, reverse=True)
+    return states
+
+
+def remove(d: VMDir) -> None:
+    """Delete a stopped VM's directory. The lock is taken so a live supervisor is never cut."""
+    try:
+        fd = os.open(d.lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    try:
+        if fd is not None:
+            _lock_or_fail(fd, d.name)
+        try:
+            shutil.rmtree(d.path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise VMError(f"cannot remove {d.path}: {e.strerror}") from e
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock_or_fail(fd: int, name: str) -> None:
+    # A concurrent `ps` holds a shared lock for a moment; only a lasting holder is a supervisor.
+    deadline = time.monotonic() + 0.5
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise VMError(f"VM {name} is running; stop it first or use `rm -f`") from None
+            time.sleep(0.02)
+
+
+# ---- display ----------------------------------------------------------------------------
+
+def human_duration(seconds: float) -> str:
+    """docker's wording: "Less than a second", "3 minutes", "About an hour", "2 days"."""
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s == 1:
+        return "1 second"
+    if s < 60:
+        return f"{s} seconds"
+    minutes = round(s / 60)
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = round(s / 3600)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    days = s // 86400
+    if days < 14:
+        return f"{days} days"
+    if days < 60:
+        return f"{days // 7} weeks"
+    if days < 730:
+        return f"{days // 30} months"
+    return f"{days // 365} years"
+
+
+def status_text(state: VMState, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    r = state.record
+    status = state.status
+    if status == STARTING:
+        return "Starting"
+    if status == RUNNING:
+        return f"Up {human_duration(now - (r.started or r.created))}"
+    if status == DEAD:
+        return "Dead (its supervisor was killed)"
+    ago = human_duration(now - (r.finished or r.created))
+    return f"Exited ({r.exit_code if r.exit_code is not None else -1}) {ago} ago"

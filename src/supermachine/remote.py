@@ -1,0 +1,238 @@
+"""Control-socket connections of detached VMs: the socket shell around control.py, and the
+client side the CLI uses (exec, file copies, stop).
+
+The socket is reached through ``/proc/self/fd/<dirfd>/sock`` so the unix-socket path limit
+(108 bytes) never depends on how deep the home directory is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from .agent.client import ExitStatus
+from .agent.protocol import Stream
+from .control import (
+    MAX_PAYLOAD,
+    ControlError,
+    Decoder,
+    ExecRequest,
+    Frame,
+    Kind,
+    ReadRequest,
+    StopRequest,
+    WriteRequest,
+    encode,
+    encode_request,
+    encode_resize,
+    encode_signal,
+    parse_json,
+)
+from .detached import VMDir
+from .errors import VMError
+
+_RECV = 1 << 16
+
+
+class FrameSocket:
+    """Frames over one connected unix socket; send() is safe from several threads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._decoder = Decoder()
+        self._frames: deque[Frame] = deque()
+        self._send_lock = threading.Lock()
+
+    def send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def recv(self) -> Frame | None:
+        """Next frame, or None when the peer closed the connection between frames."""
+        while not self._frames:
+            data = self.sock.recv(_RECV)
+            if not data:
+                if self._decoder.pending:
+                    raise ControlError("the connection was cut off in the middle of a frame")
+                return None
+            self._frames.extend(self._decoder.feed(data))
+        return self._frames.popleft()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def socket_path(dirfd: int) -> str:
+    return f"/proc/self/fd/{dirfd}/sock"
+
+
+def connect(d: VMDir) -> FrameSocket:
+    not_running = VMError(f"VM {d.name} is not running; see `supermachine ps -a`")
+    try:
+        dirfd = os.open(d.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VMError(f"no such VM: {d.name}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(socket_path(dirfd))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise not_running from None
+    finally:
+        os.close(dirfd)
+    return FrameSocket(sock)
+
+
+def _exit_of(frame: Frame) -> tuple[int, str | None, int | None]:
+    obj = parse_json(frame)
+    code, error, err_no = obj.get("code"), obj.get("error"), obj.get("errno")
+    if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
+        raise ControlError("EXIT frame has a malformed code")
+    return (code, error if isinstance(error, str) else None,
+            err_no if isinstance(err_no, int) and not isinstance(err_no, bool) else None)
+
+
+class RemoteProcess:
+    """A process running in a detached VM, driven over its control socket.
+
+    Offers what terminal.pump needs of `agent.client.Process`: write, close_stdin, resize,
+    signal, iteration over ``(stream, bytes)`` and wait().
+    """
+
+    def __init__(self, conn: FrameSocket, label: str) -> None:
+        self._conn = conn
+        self.label = label
+        self._status: ExitStatus | None = None
+
+    def __enter__(self) -> RemoteProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), MAX_PAYLOAD):
+            self._conn.send(encode(Kind.STDIN, bytes(view[i:i + MAX_PAYLOAD])))
+
+    def close_stdin(self) -> None:
+        self._conn.send(encode(Kind.EOF))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._conn.send(encode_resize(rows, cols))
+
+    def signal(self, signo: int) -> None:
+        self._conn.send(encode_signal(signo))
+
+    def __iter__(self) -> Iterator[tuple[Stream, bytes]]:
+        while self._status is None:
+            frame = self._conn.recv()
+            if frame is None:
+                raise VMError(f"the VM stopped while {self.label} was running")
+            if frame.kind == Kind.STDOUT:
+                yield Stream.STDOUT, frame.payload
+            elif frame.kind == Kind.STDERR:
+                yield Stream.STDERR, frame.payload
+            elif frame.kind == Kind.EXIT:
+                code, error, _ = _exit_of(frame)
+                self._status = ExitStatus(code, error=error)
+            else:
+                raise ControlError(f"unexpected {frame.kind.name} frame from the supervisor")
+
+    def wait(self) -> ExitStatus:
+        for _ in self:
+            pass
+        assert self._status is not None
+        return self._status
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def exec_in(d: VMDir, req: ExecRequest) -> RemoteProcess:
+    conn = connect(d)
+    try:
+        conn.send(encode_request(req))
+    except BaseException:
+        conn.close()
+        raise
+    return RemoteProcess(conn, req.argv[0])
+
+
+def _finish(conn: FrameSocket, what: str) -> None:
+    """Wait for the EXIT of a file operation; raise with the supervisor's message."""
+    while True:
+        frame = conn.recv()
+        if frame is None:
+            raise VMError(f"the VM stopped during {what}")
+        if frame.kind == Kind.EXIT:
+            code, error, err_no = _exit_of(frame)
+            if code:
+                err = VMError(error or f"{what} failed")
+                err.errno = err_no  # type: ignore[attr-defined]
+                raise err
+            return
+        raise ControlError(f"unexpected {frame.kind.name} frame from the supervisor")
+
+
+def read_file_to(d: VMDir, path: str, out: BinaryIO) -> int:
+    """Stream a file of the VM into ``out``; returns its size."""
+    conn = connect(d)
+    total = 0
+    try:
+        conn.send(encode_request(ReadRequest(path)))
+        while True:
+            frame = conn.recv()
+            if frame is None:
+                raise VMError(f"the VM stopped while copying {path}")
+            if frame.kind != Kind.STDOUT:
+                break
+            out.write(frame.payload)
+            total += len(frame.payload)
+        conn._frames.appendleft(frame)  # the EXIT, read by _finish
+        _finish(conn, f"copying {path}")
+    finally:
+        conn.close()
+    return total
+
+
+def write_file_from(d: VMDir, path: str, src: BinaryIO, mode: int) -> int:
+    """Stream ``src`` into a file of the VM; returns the bytes written."""
+    conn = connect(d)
+    total = 0
+    try:
+        conn.send(encode_request(WriteRequest(path, mode)))
+        try:
+            while chunk := src.read(MAX_PAYLOAD):
+                conn.send(encode(Kind.STDIN, chunk))
+                total += len(chunk)
+            conn.send(encode(Kind.EOF))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the supervisor gave up early (e.g. no such directory): its EXIT says why
+        _finish(conn, f"copying to {path}")
+    finally:
+        conn.close()
+    return total
+
+
+def request_stop(d: VMDir, timeout: float) -> None:
+    """Ask the supervisor to stop the main workload (it answers once the request is taken)."""
+    conn = connect(d)
+    try:
+        conn.send(encode_request(StopRequest(timeout)))
+        with contextlib.suppress(OSError, VMError):
+            _finish(conn, "stop")
+    finally:
+        conn.close()
+
+
+def is_dir_error(e: VMError) -> bool:
+    return getattr(e, "errno", None) == errno.EISDIR
