@@ -25,6 +25,7 @@ __all__ = [
     "SnapshotError",
     "VM",
     "ExecResult",
+    "Pool",
 ]
 
 __version__ = "0.1.0"
@@ -36,4 +37,8 @@ def __getattr__(name: str):
         from . import vm
 
         return getattr(vm, name)
+    if name == "Pool":
+        from .pool import Pool
+
+        return Pool
     raise AttributeError(name)

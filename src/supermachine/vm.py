@@ -9,6 +9,7 @@ PR_SET_PDEATHSIG, so even a SIGKILLed host process leaves no VM behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -16,9 +17,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from . import snapshot as snapshot_mod
 from .agent.client import AgentClient, ExecResult, ExitStatus, Process
 from .agent.protocol import Stream
-from .errors import AgentError, Error, UsageError, VMError
+from .errors import AgentError, Error, SnapshotError, UsageError, VMError
 from .home import Home
 from .workload import parse_cpus, parse_memory, resolve
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["VM", "ExecResult", "ExitStatus", "Process"]
 
+SNAPSHOT_PREFIX = "snapshot:"
 DEFAULT_BOOT_TIMEOUT = 120.0  # TCG on a loaded 2-core machine can be slow; KVM takes <1 s
 
 
@@ -63,6 +66,8 @@ class VM:
         pull: str = "missing",
         platform: str | None = None,
         registry_options: Mapping[str, object] | None = None,
+        snapshot: bool = True,
+        hostname: str | None = None,
     ) -> None:
         self._image_ref = os.fspath(image)
         self.memory_mib = parse_memory(memory)
@@ -80,6 +85,10 @@ class VM:
         self._pull = pull
         self._platform = platform
         self._registry_options = dict(registry_options or {})
+        self._use_snapshot = snapshot
+        self._hostname = hostname
+        #: name of the snapshot this VM was restored from (None when it booted)
+        self.restored_from: str | None = None
         self._stack: contextlib.ExitStack | None = None
         self._client: AgentClient | None = None
         self._machine = None
@@ -115,36 +124,116 @@ class VM:
         from .images import ensure_rootfs
 
         t0 = time.monotonic()
+        named = None
+        if self._image_ref.startswith(SNAPSHOT_PREFIX):
+            named = snapshot_mod.open_named(self.home, self._image_ref[len(SNAPSHOT_PREFIX):])
+            self._image_ref = named.meta["image_source"]
+            self.memory_mib = named.inputs["memory_mib"]
+            self.cpus = named.inputs["cpus"]
         self.image = self._open_image()
         rootfs = ensure_rootfs(self.image, self.home)
         assets = ensure_guest_assets(self.home, kernel=self._kernel, initrd=self._initrd)
         self.accel = choose(self._accel_request)
         if not self.accel.hardware:
             self._notice(self.accel.reason)
-        config = MachineConfig(
+        self._engine = QemuEngine()
+        self._config = MachineConfig(
             kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline,
             rootfs=rootfs, memory_mib=self.memory_mib, cpus=self.cpus,
             accel=self.accel.name, verbose=self._verbose,
         )
+        inputs = {
+            "format": snapshot_mod.FORMAT, "guest": assets.fingerprint,
+            "image": self.image.config_digest,
+            "rootfs": {k: v for k, v in snapshot_mod.file_identity(rootfs).items()
+                       if k in ("ino", "size", "mtime_ns")},
+            "memory_mib": self.memory_mib, "cpus": self.cpus, "accel": self.accel.name,
+            "engine": self._engine.version(),
+        }
+        self._snapshot_inputs = inputs
         t1 = time.monotonic()
-        machine = QemuEngine().launch(config)
-        self._machine = machine
-        stack.callback(machine.kill)
-        client = AgentClient(machine.agent)
-        self._client = client
-        stack.callback(client.close)
-        threading.Thread(target=self._watch, args=(machine, client), name="vm-watch",
-                         daemon=True).start()
+        snap = None
+        if named is not None:
+            changed = named.mismatch(inputs)
+            if changed:
+                raise SnapshotError(
+                    f"snapshot {named.name} no longer matches this machine (changed: "
+                    f"{', '.join(changed)}); make it again from a running VM")
+            snap = named
+        elif self._use_snapshot:
+            snap = self._auto_snapshot(inputs)
+        if snap is not None:
+            try:
+                self._start_machine(stack, snapshot=snap)
+                self.restored_from = snap.name
+            except VMError as e:
+                if named is not None:
+                    raise
+                self._notice(f"restoring the snapshot failed ({e}); booting instead")
+                stack.close()
+                snap = None
+        if snap is None:
+            self._start_machine(stack)
+        log.debug("prepared in %.0f ms, %s in %.0f ms", (t1 - t0) * 1000,
+                  "restored" if snap else "booted", (time.monotonic() - t1) * 1000)
+
+    def _auto_snapshot(self, inputs: dict) -> snapshot_mod.Snapshot | None:
+        """The automatic snapshot for this VM's configuration, baked by a first boot."""
+        def bake(mem: Path, state: Path) -> None:
+            config = dataclasses.replace(self._config, memory_file=mem, memory_shared=True)
+            machine, client = self._launch(config)
+            try:
+                machine.save_state(state)
+            finally:
+                client.close()
+                machine.kill()
+
         try:
-            client.hello(self._boot_timeout, time_ns=time.time_ns(), entropy=os.urandom(64))
-        except AgentError as e:
-            status = machine.wait(timeout=0.5)
+            snap, baked = snapshot_mod.ensure_auto(self.home, inputs, bake,
+                                                   on_invalid=self._notice)
+        except SnapshotError as e:
+            self._notice(f"{e}; booting without a snapshot")
+            return None
+        if baked:
+            log.info("baked snapshot %s", snap.path)
+        return snap
+
+    def _launch(self, config):
+        """Start a machine and wait for its guest agent's HELLO; failures name the cause."""
+        machine = self._engine.launch(config)
+        try:
+            client = AgentClient(machine.agent)
+        except BaseException:
+            machine.kill()
+            raise
+        try:
+            client.hello(self._boot_timeout, time_ns=time.time_ns(), entropy=os.urandom(64),
+                         hostname=self._hostname)
+        except BaseException as e:
+            status = machine.wait(timeout=0.5) if isinstance(e, AgentError) else None
+            client.close()
+            machine.kill()
+            if not isinstance(e, AgentError):
+                raise
             if status is None:
                 raise VMError(f"the VM did not become ready: {e}") from None
             summary = _boot_failure_summary(machine.console_tail())
-            raise VMError(f"the VM failed to boot: {summary}") from None
-        log.debug("prepared in %.0f ms, booted in %.0f ms",
-                  (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
+            what = "restore" if config.incoming_state else "boot"
+            raise VMError(f"the VM failed to {what}: {summary}") from None
+        return machine, client
+
+    def _start_machine(self, stack: contextlib.ExitStack,
+                       snapshot: snapshot_mod.Snapshot | None = None) -> None:
+        config = self._config
+        if snapshot is not None:
+            config = dataclasses.replace(config, memory_file=snapshot.mem, memory_shared=False,
+                                         incoming_state=snapshot.state)
+        machine, client = self._launch(config)
+        self._machine, self._client = machine, client
+        stack.callback(machine.kill)
+        stack.callback(client.close)
+        threading.Thread(target=self._watch, args=(machine, client), name="vm-watch",
+                         daemon=True).start()
 
     def _open_image(self):
         """A local layout/archive as it is; a registry reference per the pull policy."""
@@ -170,6 +259,37 @@ class VM:
         if stack is not None:
             stack.close()
         self._client = None
+
+    def snapshot(self, name: str) -> snapshot_mod.Snapshot:
+        """Save this running VM (as warmed up so far) as snapshot ``name``.
+
+        `VM("snapshot:NAME")` and `supermachine run snapshot:NAME` then start from it. The VM
+        keeps running; processes of its own continue, and in restored copies every channel
+        that was open now is gone (their processes are killed on restore).
+        """
+        machine = self._machine
+        if machine is None or not self.running:
+            raise VMError("the VM is not running")
+        snapshot_mod.check_name(name)
+
+        def bake(mem: Path, state: Path) -> None:
+            # RAM of a running VM is not in a shared file: save a full stream, load it into
+            # a paused copy whose RAM *is* a shared file, and save that copy's device state.
+            stream = mem.with_name("stream")
+            machine.save_full(stream)
+            config = dataclasses.replace(self._config, memory_file=mem, memory_shared=True,
+                                         incoming_state=stream, incoming_full=True)
+            copy = self._engine.launch(config)
+            try:
+                copy.wait_incoming(120)
+                copy.save_state(state)
+            finally:
+                copy.kill()
+                stream.unlink(missing_ok=True)
+
+        inputs = {**self._snapshot_inputs}
+        return snapshot_mod.create_named(self.home, name, inputs, bake,
+                                         {"image_source": self._image_ref})
 
     @property
     def running(self) -> bool:

@@ -28,6 +28,9 @@ class MachineConfig:
     memory_shared: bool = False
     # Restore: load device state from this file instead of booting the kernel.
     incoming_state: Path | None = None
+    # The incoming state is a full stream with RAM in it (a VM whose RAM was not in a shared
+    # file), rather than device state alone.
+    incoming_full: bool = False
     verbose: bool = False
 
 
@@ -67,8 +70,17 @@ class Machine(abc.ABC):
     def save_state(self, path: Path) -> None:
         """Save device state (not RAM, which lives in the shared memory file) to ``path``.
 
-        The machine must be paused and must have been launched with a shared memory file.
+        The machine must have been launched with a shared memory file; it is stopped when
+        this returns, with its RAM in that file consistent with the saved state.
         """
+
+    @abc.abstractmethod
+    def save_full(self, path: Path) -> None:
+        """Save device state and all of RAM to ``path``; the machine then runs on."""
+
+    @abc.abstractmethod
+    def wait_incoming(self, timeout: float) -> None:
+        """Wait until a machine launched with ``incoming_state`` has loaded it."""
 
 
 class Engine(abc.ABC):

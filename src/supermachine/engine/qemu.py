@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from ..errors import EngineError
@@ -77,9 +78,9 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
     if config.incoming_state is not None:
         if state_fd is None:
             raise ValueError("restoring needs the state file's fd")
-        # Migration capabilities are properties of the migration object, so the restore
-        # needs no QMP round-trip: QEMU loads the state and runs the guest on its own.
-        cmd += ["-global", "migration.x-ignore-shared=on", "-incoming", f"fd:{state_fd}"]
+        # "defer": x-ignore-shared must be enabled (over QMP) before the state is read;
+        # QEMU 7.2 does not expose migration capabilities as -global properties.
+        cmd += ["-incoming", "defer"]
     return cmd
 
 
@@ -93,6 +94,50 @@ def _child_setup() -> None:
     # terminal's signals (Ctrl-C) away from QEMU: the VM owner decides when it stops.
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.setpgid(0, 0)
+
+
+class _Launcher:
+    """One long-lived thread that forks every QEMU started from a non-main thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process:
+    a VM started from a short-lived worker thread (a pool refill, an executor task) would die
+    with that thread. Forking from a thread that lives as long as the process avoids that.
+    """
+
+    def __init__(self) -> None:
+        import queue
+
+        self._requests: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, name="vm-launcher", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            func, done, box = self._requests.get()
+            try:
+                box.append((True, func()))
+            except BaseException as e:  # handed back to the caller
+                box.append((False, e))
+            done.set()
+
+    def call(self, func):
+        done, box = threading.Event(), []
+        self._requests.put((func, done, box))
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+
+@functools.cache
+def _launcher() -> _Launcher:
+    return _Launcher()
+
+
+def _spawn(func):
+    if threading.current_thread() is threading.main_thread():
+        return func()
+    return _launcher().call(func)
 
 
 class _Console:
@@ -152,10 +197,10 @@ class QemuMachine(Machine):
             log.debug("qemu command: %s", shlex.join(cmd))
             fds = [s.fileno() for s in passed] + ([state_fd] if state_fd is not None else [])
             try:
-                self._proc = subprocess.Popen(
+                self._proc = _spawn(lambda: subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=con_guest.fileno(),
                     stderr=con_guest.fileno(), pass_fds=fds, preexec_fn=_child_setup,
-                )
+                ))
             except OSError as e:
                 raise EngineError(f"cannot start {qemu}: {e.strerror}") from e
         except BaseException:
@@ -172,6 +217,21 @@ class QemuMachine(Machine):
         self._qmp = QMPClient(qmp_host)
         self._qmp_ready = False
         self._closed = False
+        if state_fd is not None:
+            self._start_incoming(state_fd)
+
+    def _start_incoming(self, state_fd: int) -> None:
+        """Load the saved state; the guest runs as soon as it is in (autostart)."""
+        try:
+            qmp = self._control()
+            if not self.config.incoming_full:
+                qmp.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "x-ignore-shared", "state": True}]})
+            # The fd number was inherited by QEMU at exec time (pass_fds).
+            qmp.execute("migrate-incoming", {"uri": f"fd:{state_fd}"})
+        except BaseException:
+            self.kill()
+            raise
 
     @property
     def pid(self) -> int:
@@ -201,23 +261,42 @@ class QemuMachine(Machine):
     def resume(self) -> None:
         self._control().execute("cont")
 
-    def save_state(self, path: Path) -> None:
+    def _migrate_to(self, path: Path, *, ignore_shared: bool) -> None:
         qmp = self._control()
         qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+            {"capability": "x-ignore-shared", "state": ignore_shared}]})
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             qmp.send_fd("getfd", {"fdname": "snapshot"}, fd)
         finally:
             os.close(fd)
         qmp.execute("migrate", {"uri": "fd:snapshot"})
+        self._wait_migration("saving the VM state", 120)
+
+    def _wait_migration(self, what: str, timeout: float) -> None:
+        qmp = self._control()
+        deadline = time.monotonic() + timeout
         while True:
             status = qmp.execute("query-migrate").get("status")
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
-                raise EngineError(f"saving the VM state failed ({status})")
-            qmp.wait_event("MIGRATION", timeout=30)
+                raise EngineError(f"{what} failed ({status}); see --debug output")
+            if time.monotonic() > deadline:
+                raise EngineError(f"{what} did not finish within {timeout:g} s")
+            time.sleep(0.002)  # device state alone is ~100 KB: a few polls at most
+
+    def save_state(self, path: Path) -> None:
+        # No pause first: migration stops the guest itself at completion, and the restored
+        # copy then starts running on its own (the saved run state is "running").
+        self._migrate_to(path, ignore_shared=True)
+
+    def save_full(self, path: Path) -> None:
+        self._migrate_to(path, ignore_shared=False)
+        self._control().execute("cont")
+
+    def wait_incoming(self, timeout: float) -> None:
+        self._wait_migration("loading the VM state", timeout)
 
     def kill(self) -> None:
         if self._closed:

@@ -59,8 +59,8 @@ def test_restore_maps_memory_private_and_loads_state_from_fd():
     cmd = build_command(config(memory_file=Path("/s/mem"), incoming_state=Path("/s/state")),
                         qemu="q", agent_fd=3, qmp_fd=4, console_fd=5, state_fd=9)
     assert opt_values(cmd, "-object")[0].endswith("share=off")
-    assert opt_values(cmd, "-incoming") == ["fd:9"]
-    assert "migration.x-ignore-shared=on" in opt_values(cmd, "-global")
+    # the state is loaded over QMP once x-ignore-shared is on (QEMU 7.2 has no -global for it)
+    assert opt_values(cmd, "-incoming") == ["defer"]
 
 
 def test_restore_without_state_fd_is_a_programming_error():

@@ -24,6 +24,9 @@
 
 /* RNDADDENTROPY = _IOW('R', 0x03, int[2]); spelled out because musl ships no linux/ headers. */
 #define SM_RNDADDENTROPY 0x40085203
+/* RNDRESEEDCRNG = _IO('R', 0x07): credited entropy alone only reaches the CRNG at its next
+ * scheduled reseed (up to a minute later); clones of one snapshot must diverge at once. */
+#define SM_RNDRESEEDCRNG 0x5207
 #define IN_CAP (2 * (SM_HDR + SM_MAX_PAYLOAD))
 #define HUP_BACKOFF_MIN_MS 5
 #define HUP_BACKOFF_MAX_MS 50 /* bounds reconnect latency; 20 wakeups/s is cheap */
@@ -625,6 +628,8 @@ static void on_hello(struct agent *a, const uint8_t *p, size_t n)
 			int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
 			if (fd < 0 || ioctl(fd, SM_RNDADDENTROPY, &ent) < 0)
 				sm_log(a->o.debug, "RNDADDENTROPY: %s", strerror(errno));
+			else if (ioctl(fd, SM_RNDRESEEDCRNG) < 0)
+				sm_log(a->o.debug, "RNDRESEEDCRNG: %s", strerror(errno));
 			if (fd >= 0)
 				close(fd);
 		}

@@ -1,0 +1,278 @@
+"""Snapshots on disk: a guest's RAM file plus its device state, with what they depend on.
+
+A snapshot is a directory::
+
+    mem         guest RAM, exactly memory_mib MiB, sparse (untouched pages are holes); a
+                restored VM maps it privately (copy-on-write), so clones share its pages
+    state       QEMU device state saved with x-ignore-shared (~100 KB: RAM is not in it)
+    meta.json   format, fingerprint inputs, checksums, file identity, creation time
+
+Automatic snapshots live in ``snapshots/auto/<fingerprint>``; user-named ones in
+``snapshots/named/<name>``. Both are published by renaming a finished temp directory, so a
+crash or Ctrl-C never leaves a half-written snapshot under its final name.
+
+Verification before every use: the state file's SHA-256 (it is small); the memory file's
+size and identity (inode, size, mtime, ctime: any write through the filesystem changes the
+ctime, which user space cannot set back). When the identity differs from the recorded one the
+memory file is hashed in full (its data extents only; holes are zeros) and refused unless the
+digest matches. So a corrupt or truncated snapshot is never restored, while an intact one
+costs a few stat() calls instead of hashing hundreds of MiB on the restore path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SnapshotError, UsageError
+from .home import Home, atomic_write_bytes, file_lock
+
+FORMAT = 1
+MAX_META = 1 << 20
+NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
+
+
+def file_identity(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "ino": st.st_ino, "dev": st.st_dev,
+            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the non-hole parts of a file (the whole file if unsupported)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after offset; EINVAL: SEEK_DATA unsupported
+            if offset == 0 and size:
+                try:
+                    os.lseek(fd, 0, os.SEEK_HOLE)
+                except OSError:
+                    yield 0, size
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        offset = end
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 over (offset, data) of every data extent: equal for equal contents, holes or
+    zeros alike would differ only in layout, which is part of what we verify."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(size.to_bytes(8, "little"))
+        for start, length in _data_extents(f.fileno(), size):
+            h.update(start.to_bytes(8, "little"))
+            f.seek(start)
+            remaining = length
+            while remaining:
+                chunk = f.read(min(remaining, 1 << 20))
+                if not chunk:
+                    raise SnapshotError(f"snapshot memory file {path} is truncated")
+                h.update(chunk)
+                remaining -= len(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def mem(self) -> Path:
+        return self.path / "mem"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return self.meta["inputs"]
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or self.path.name
+
+    def verify(self) -> None:
+        """Refuse a snapshot whose files are missing, truncated or altered (see module doc)."""
+        try:
+            if sha256_file(self.state) != self.meta["state_sha256"]:
+                raise SnapshotError(f"snapshot {self.name}: device state is corrupt "
+                                    "(checksum mismatch); remove it and snapshot again")
+            ident = file_identity(self.mem)
+        except FileNotFoundError as e:
+            raise SnapshotError(f"snapshot {self.name} is incomplete: {e.filename} is "
+                                "missing") from None
+        expected_size = self.inputs["memory_mib"] << 20
+        if ident["size"] != expected_size:
+            raise SnapshotError(f"snapshot {self.name}: memory file is {ident['size']} bytes, "
+                                f"expected {expected_size} (truncated?)")
+        if ident == self.meta["mem_identity"]:
+            return
+        if content_digest(self.mem) != self.meta["mem_sha256"]:
+            raise SnapshotError(f"snapshot {self.name}: memory file is corrupt "
+                                "(checksum mismatch); remove it and snapshot again")
+        # Intact but touched (copied, restored from backup): remember its new identity.
+        meta = dict(self.meta, mem_identity=ident)
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(self.path / "meta.json", json.dumps(meta, indent=1).encode())
+
+    def mismatch(self, current: dict[str, Any]) -> list[str]:
+        """Names of the inputs that differ from ``current`` (empty when it fits)."""
+        keys = set(self.inputs) | set(current)
+        return sorted(k for k in keys if self.inputs.get(k) != current.get(k))
+
+
+def load(path: Path) -> Snapshot:
+    try:
+        raw = (path / "meta.json").read_bytes()[: MAX_META + 1]
+    except FileNotFoundError:
+        raise SnapshotError(f"no snapshot at {path}") from None
+    if len(raw) > MAX_META:
+        raise SnapshotError(f"snapshot {path.name}: meta.json is too large")
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
+                not isinstance(meta.get("inputs"), dict):
+            raise ValueError("unknown format")
+        for key in ("state_sha256", "mem_sha256"):
+            if not isinstance(meta.get(key), str):
+                raise ValueError(key)
+        if not isinstance(meta.get("mem_identity"), dict) or \
+                not isinstance(meta["inputs"].get("memory_mib"), int):
+            raise ValueError("mem_identity")
+    except ValueError as e:
+        raise SnapshotError(f"snapshot {path.name}: unreadable metadata ({e}); remove it") \
+            from None
+    return Snapshot(path, meta)
+
+
+Bake = Callable[[Path, Path], None]  # bake(mem_path, state_path)
+
+
+def _publish(root: Path, final: Path, inputs: dict[str, Any], bake: Bake,
+             extra: dict[str, Any]) -> Snapshot:
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        mem, state = tmp / "mem", tmp / "state"
+        bake(mem, state)
+        for f in (mem, state):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        meta = {"format": FORMAT, "inputs": inputs, "created": time.time(),
+                "state_sha256": sha256_file(state), "mem_sha256": content_digest(mem),
+                "mem_identity": file_identity(mem), **extra}
+        atomic_write_bytes(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load(final)
+
+
+def _sweep_temp(root: Path) -> None:
+    """Remove temp directories of bakes that died (their lock is free, they are old)."""
+    now = time.time()
+    for entry in root.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime > 3600:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def ensure_auto(home: Home, inputs: dict[str, Any], bake: Bake,
+                on_invalid: Callable[[str], None] | None = None) -> tuple[Snapshot, bool]:
+    """The automatic snapshot for ``inputs``, baked on first use. Returns (snapshot, baked).
+
+    Concurrent processes bake it once (file lock). A snapshot that fails verification is
+    reported through ``on_invalid`` and baked again.
+    """
+    root = home.snapshots / "auto"
+    root.mkdir(exist_ok=True)
+    fp = fingerprint(inputs)
+    final = root / fp
+    with file_lock(root / f".{fp}.lock"):
+        if final.exists():
+            try:
+                snap = load(final)
+                if not snap.mismatch(inputs):
+                    snap.verify()
+                    return snap, False
+                problem = "fingerprint mismatch"
+            except SnapshotError as e:
+                problem = str(e)
+            if on_invalid:
+                on_invalid(f"{problem}; making a new snapshot")
+        _sweep_temp(root)
+        return _publish(root, final, inputs, bake, {}), True
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise UsageError(f"invalid snapshot name {name!r}: use letters, digits, '_', '.', '-' "
+                         "(starting with a letter or digit)")
+    return name
+
+
+def create_named(home: Home, name: str, inputs: dict[str, Any], bake: Bake,
+                 extra: dict[str, Any]) -> Snapshot:
+    root = home.snapshots / "named"
+    root.mkdir(exist_ok=True)
+    final = root / check_name(name)
+    with file_lock(root / f".{name}.lock"):
+        return _publish(root, final, inputs, bake, {"name": name, **extra})
+
+
+def open_named(home: Home, name: str) -> Snapshot:
+    final = home.snapshots / "named" / check_name(name)
+    if not final.exists():
+        raise SnapshotError(f"no snapshot named {name!r}; see `supermachine snapshots`")
+    snap = load(final)
+    snap.verify()
+    return snap
+
+
+def list_named(home: Home) -> list[Snapshot]:
+    root = home.snapshots / "named"
+    out = []
+    for entry in sorted(root.iterdir()) if root.exists() else []:
+        if entry.is_dir() and not entry.name.startswith("."):
+            with contextlib.suppress(SnapshotError):
+                out.append(load(entry))
+    return out
+
+
+def remove_named(home: Home, name: str) -> None:
+    root = home.snapshots / "named"
+    final = root / check_name(name)
+    with file_lock(root / f".{name}.lock"):
+        if not final.exists():
+            raise SnapshotError(f"no snapshot named {name!r}")
+        shutil.rmtree(final)
