@@ -66,23 +66,34 @@ def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         offset = end
 
 
+BLOCK = 1 << 16
+_ZERO_BLOCK = bytes(BLOCK)
+
+
 def content_digest(path: Path) -> str:
-    """SHA-256 over (offset, data) of every data extent: equal for equal contents, holes or
-    zeros alike would differ only in layout, which is part of what we verify."""
+    """SHA-256 of a (sparse) file's logical content that reads only its data extents.
+
+    Every non-zero 64 KiB block is hashed with its offset; zero blocks, whether holes or
+    written zeros, are skipped, so copying the file (sparse or not) keeps the digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         h.update(size.to_bytes(8, "little"))
+        done = 0  # extents can share a block (holes are page-sized): hash each block once
         for start, length in _data_extents(f.fileno(), size):
-            h.update(start.to_bytes(8, "little"))
-            f.seek(start)
-            remaining = length
-            while remaining:
-                chunk = f.read(min(remaining, 1 << 20))
-                if not chunk:
+            offset = max(start - start % BLOCK, done)
+            end = start + length
+            f.seek(offset)
+            while offset < end:
+                block = f.read(BLOCK)
+                if not block:
                     raise SnapshotError(f"snapshot memory file {path} is truncated")
-                h.update(chunk)
-                remaining -= len(chunk)
+                if block != _ZERO_BLOCK[: len(block)]:
+                    h.update(offset.to_bytes(8, "little"))
+                    h.update(block)
+                offset += len(block)
+            done = offset
     return h.hexdigest()
 
 

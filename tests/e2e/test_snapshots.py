@@ -1,0 +1,152 @@
+"""Snapshots and pools end to end: real VMs baked and restored (TCG here)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import supermachine as sm
+from supermachine.errors import SnapshotError
+from tests.e2e.conftest import qemu_pids
+
+pytestmark = pytest.mark.e2e
+
+
+def auto_snapshots(home: Path) -> set[str]:
+    root = home / "snapshots" / "auto"
+    return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")} \
+        if root.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def snap_home(tmp_path_factory) -> Path:
+    # Its own home: these tests corrupt and count snapshots. The kernel and rootfs come
+    # from the shared test home's files through the same paths (no refetch).
+    return tmp_path_factory.mktemp("snaphome")
+
+
+def vm(image, home, **kw) -> sm.VM:
+    return sm.VM(image, home=home, memory=kw.pop("memory", "256M"), **kw)
+
+
+def test_first_boot_bakes_then_every_vm_restores(busybox, snap_home):
+    with vm(busybox, snap_home) as first:
+        assert first.restored_from is not None  # baked by this very boot, then restored
+        assert first.exec(["echo", "ok"]).stdout == b"ok\n"
+    baked = auto_snapshots(snap_home)
+    assert len(baked) == 1
+    with vm(busybox, snap_home) as again:
+        assert again.restored_from == next(iter(baked))
+        assert again.exec(["true"]).exit_code == 0
+    assert auto_snapshots(snap_home) == baked
+
+
+def test_clones_are_distinct_machines(busybox, snap_home):
+    script = "head -c 16 /dev/urandom | od -An -tx1; date +%s; hostname"
+    a = vm(busybox, snap_home, hostname="clone-a").start()
+    b = vm(busybox, snap_home, hostname="clone-b").start()
+    try:
+        ra, rb = a.exec(["sh", "-c", script]), b.exec(["sh", "-c", script])
+        now = time.time()
+        (rand_a, t_a, host_a), (rand_b, t_b, host_b) = (
+            r.stdout.decode().splitlines() for r in (ra, rb))
+        assert rand_a != rand_b
+        assert abs(int(t_a) - now) < 30 and abs(int(t_b) - now) < 30
+        assert (host_a, host_b) == ("clone-a", "clone-b")
+        # writes are private to each clone
+        a.write_file("/tmp/mine", b"only in a")
+        assert a.read_file("/tmp/mine") == b"only in a"
+        assert b.exec(["cat", "/tmp/mine"]).exit_code != 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_changed_inputs_are_not_reused(busybox, snap_home):
+    before = auto_snapshots(snap_home)
+    with vm(busybox, snap_home, memory="320M") as other:
+        assert other.exec(["true"]).exit_code == 0
+    with vm(busybox, snap_home, memory="256M"):
+        pass
+    after = auto_snapshots(snap_home)
+    assert len(after - before) == 1  # 320M baked its own; 256M reused the existing one
+
+
+def test_no_snapshot_boots_cold(busybox, snap_home):
+    with vm(busybox, snap_home, snapshot=False) as cold:
+        assert cold.restored_from is None
+        assert cold.exec(["echo", "cold"]).stdout == b"cold\n"
+
+
+def test_corrupt_snapshot_is_refused_and_rebaked(busybox, snap_home):
+    with vm(busybox, snap_home):
+        pass
+    (name,) = [n for n in auto_snapshots(snap_home)
+               if (snap_home / "snapshots/auto" / n / "meta.json").read_text().find(
+                   '"memory_mib": 256') >= 0]
+    mem = snap_home / "snapshots" / "auto" / name / "mem"
+    with open(mem, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(os.urandom(4096))
+    notices: list[str] = []
+    with vm(busybox, snap_home, on_notice=notices.append) as fresh:
+        assert fresh.exec(["echo", "fine"]).stdout == b"fine\n"
+    assert any("corrupt" in n for n in notices), notices
+
+
+def test_named_snapshot_of_a_warmed_vm(busybox, snap_home):
+    with vm(busybox, snap_home) as warm:
+        warm.write_file("/tmp/warmed", b"state from before the snapshot")
+        warm.snapshot("warmed-up")
+        assert warm.exec(["true"]).exit_code == 0  # the source keeps running
+    with sm.VM("snapshot:warmed-up", home=snap_home) as copy:
+        assert copy.restored_from == "warmed-up"
+        assert copy.read_file("/tmp/warmed") == b"state from before the snapshot"
+    # a corrupt named snapshot is an error, not a silent cold boot
+    state = snap_home / "snapshots" / "named" / "warmed-up" / "state"
+    state.write_bytes(state.read_bytes()[:-8])
+    with pytest.raises(SnapshotError, match="corrupt"):
+        sm.VM("snapshot:warmed-up", home=snap_home).start()
+
+
+def test_pool_of_three_serves_ten_acquires(busybox, snap_home):
+    with sm.Pool(busybox, size=3, home=snap_home, memory="256M") as pool:
+        for i in range(10):
+            machine = pool.acquire(timeout=120)
+            # a fresh VM each time: nothing an earlier user wrote is there
+            r = machine.exec(["sh", "-c", f"ls /tmp/used 2>/dev/null; echo {i} > /tmp/used; "
+                                          "cat /tmp/used"])
+            assert r.stdout == f"{i}\n".encode()
+            pool.release(machine)
+
+
+POOL_CHILD = """
+import sys, supermachine as sm
+pool = sm.Pool(sys.argv[1], size=2, home=sys.argv[2], memory="256M").start()
+vm = pool.acquire(timeout=120)
+print("ready", flush=True)
+import time; time.sleep(600)
+"""
+
+
+def test_killed_host_process_leaves_no_vm(busybox, snap_home):
+    before = qemu_pids()
+    proc = subprocess.Popen([sys.executable, "-c", POOL_CHILD, str(busybox), str(snap_home)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        vms = qemu_pids() - before
+        assert vms
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while qemu_pids() & vms and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not qemu_pids() & vms
