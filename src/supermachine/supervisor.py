@@ -150,12 +150,14 @@ class Supervisor:
         self._conns: set[FrameSocket] = set()
         self._conns_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._signalled = False
 
     # -- lifecycle (main thread)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda *_: self._done.set())
+            # Only a flag: Event.set() takes a lock the interrupted main thread may hold.
+            signal.signal(sig, self._on_signal)
         try:
             self._boot()
         except Error as e:
@@ -163,10 +165,13 @@ class Supervisor:
             self._teardown(record=False)  # the launcher removes the directory
             return 1
         self._report({"ok": True})
-        while not self._done.wait(0.5):
+        while not self._signalled and not self._done.wait(0.2):
             pass
         self._teardown()
         return 0
+
+    def _on_signal(self, _signo: int, _frame: object) -> None:
+        self._signalled = True
 
     def _boot(self) -> None:
         from .vm import VM

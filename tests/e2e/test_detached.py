@@ -119,6 +119,22 @@ def test_concurrent_execs(cli, shared):
     assert time.monotonic() - start < 4 * 1 + 3  # they ran side by side, not one by one
 
 
+def test_a_client_going_away_kills_its_exec_not_the_vm(home, cli, shared):
+    env = {**os.environ, "SUPERMACHINE_HOME": str(home)}
+    client = subprocess.Popen([*CLI, "exec", shared, "sh", "-c",
+                               "echo $$ > /tmp/victim; echo ready; exec sleep 1000"],
+                              stdout=subprocess.PIPE, env=env)
+    try:
+        assert client.stdout.readline() == b"ready\n"
+        assert cli("exec", shared, "sh", "-c", "kill -0 $(cat /tmp/victim)").returncode == 0
+    finally:
+        client.kill()
+        client.wait()
+    _wait_for(lambda: cli("exec", shared, "sh", "-c", "kill -0 $(cat /tmp/victim)")
+              .returncode != 0, 15, "the exec'd process to be killed")
+    assert _ok(cli("exec", shared, "echo", "still-up")).stdout == b"still-up\n"
+
+
 def test_found_by_name_from_another_directory_and_ps_inspect(home, shared, tmp_path):
     env = {**os.environ, "SUPERMACHINE_HOME": str(home)}
     r = subprocess.run([*CLI, "ps"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
