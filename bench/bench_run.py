@@ -3,8 +3,14 @@
 What is measured (wall time, this machine, whatever accelerator `--accel auto` picks; the
 header prints it):
 
-* ours: the CLI process `supermachine run IMAGE true`, fork to reaped exit, with the image's
-  root filesystem and the guest assets already cached (warm home). Busybox and Debian+python.
+* ours, three ways, each a whole process (fork to reaped exit), with the image's root
+  filesystem and the guest assets already cached. Busybox and Debian+python.
+  - cli restore: `supermachine run IMAGE true` when the image's automatic snapshot exists
+    (what every run after the first does);
+  - cli first run: the same with the snapshot removed first (boot, bake the snapshot,
+    restore it);
+  - api boot: a python process running ``VM(image, snapshot=False)`` + ``run_workload``
+    (the cold boot path; the CLI has no switch to turn the snapshot off).
 * floor: the same qemu binary with our engine's command line (`build_command`) minus the
   agent channel (virtio-serial device, its port and chardev), the same kernel, command line
   and root disk, booting the same initramfs except that /init is a tiny static program that
@@ -22,8 +28,10 @@ Excluded: fetching the guest kernel (an install-time step), building the test im
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -161,7 +169,8 @@ class Floor:
 
 
 def phases_child(image: str, home_root: str) -> None:
-    """Runs in a fresh interpreter: VM's boot steps timed one by one; prints JSON."""
+    """Runs in a fresh interpreter: the boot path's steps (no snapshot) timed one by one,
+    through the same functions `VM` calls; prints JSON."""
     t = time.perf_counter
     marks: dict[str, float] = {}
     t0 = t()
@@ -189,10 +198,14 @@ def phases_child(image: str, home_root: str) -> None:
     assets = ensure_guest_assets(home)
     accel = choose(None)
     marks["guest assets lookup"] = t() - t0
+    engine = QemuEngine()
+    t0 = t()
+    engine.version()  # VM puts it in the snapshot key: `qemu --version` on every start
+    marks["qemu --version probe"] = t() - t0
     config = MachineConfig(kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline,
                            rootfs=rootfs, memory_mib=512, cpus=1, accel=accel.name)
     t0 = t()
-    machine = QemuEngine().launch(config)
+    machine = engine.launch(config)
     client = AgentClient(machine.agent)
     marks["qemu launch (Popen)"] = t() - t0
     try:
@@ -215,11 +228,53 @@ def phases_child(image: str, home_root: str) -> None:
     print(json.dumps(marks))
 
 
-def measure_phases(image: Path, home: common.Home, reps: int) -> dict[str, list[float]]:
+def restore_phases_child(image: str, home_root: str) -> None:
+    """Runs in a fresh interpreter: a VM started from the image's automatic snapshot; VM's
+    own debug line splits its start into preparation and restore."""
+    import logging
+
+    t = time.perf_counter
+    marks: dict[str, float] = {}
+    t0 = t()
+    import supermachine.vm as vm_mod
+    marks["import"] = t() - t0
+    split: list[tuple] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.startswith("prepared in"):
+                split.append(record.args)
+
+    logger = logging.getLogger("supermachine.vm")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(Grab())
+    t0 = t()
+    vm = vm_mod.VM(image, home=home_root, on_notice=lambda _msg: None)
+    vm.start()
+    marks["VM.start total"] = t() - t0
+    if vm.restored_from is None:
+        raise RuntimeError("the VM booted instead of restoring its snapshot")
+    if split:
+        prepared_ms, _how, started_ms = split[-1]
+        marks["  prepare (image, rootfs, assets, snapshot lookup)"] = prepared_ms / 1000
+        marks["  restore to HELLO"] = started_ms / 1000
+    try:
+        t0 = t()
+        res = vm.exec(["true"])
+        marks["exec true"] = t() - t0
+        assert res.exit_code == 0, res
+    finally:
+        t0 = t()
+        vm.close()
+        marks["teardown"] = t() - t0
+    print(json.dumps(marks))
+
+
+def measure_phases(mode: str, image: Path, home: common.Home, reps: int
+                   ) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
-    py = sys.executable
     for _ in range(reps):
-        proc = common.run_timed([py, __file__, "--phases-child", str(image), str(home.root)])
+        proc = common.run_timed([sys.executable, __file__, mode, str(image), str(home.root)])
         for k, v in json.loads(proc.stdout.decode().strip().splitlines()[-1]).items():
             out.setdefault(k, []).append(v)
     return out
@@ -246,26 +301,52 @@ def rootfs_build(image: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- main
 
+# `supermachine run IMAGE true` minus the CLI, with the snapshot turned off (the CLI has no
+# switch for it): the cold boot path as a whole process.
+API_BOOT = """
+import sys
+import supermachine as sm
+with sm.VM(sys.argv[1], home=sys.argv[2], snapshot=False, on_notice=lambda m: None) as vm:
+    sys.exit(vm.run_workload(cmd=["true"]))
+"""
 
-def ours_vs_floor(image: Path, floor: Floor, home: common.Home, reps: int
-                  ) -> dict[str, list[float]]:
-    env = common.home_env(home)
-    ours, floor_exit, floor_marker = [], [], []
-    common.run_timed([common.CLI, "run", str(image), "true"], env=env)  # prime caches
+MODES = ("cli restore", "cli first run", "api boot", "floor")
+
+
+def one_rep(mode: str, image: Path, floor: Floor, warm: common.Home, bake: common.Home
+            ) -> float:
+    if mode == "cli restore":  # the default path once the image has run here before
+        return common.run_timed([common.CLI, "run", str(image), "true"],
+                                env=common.home_env(warm)).seconds
+    if mode == "cli first run":  # no snapshot yet: boot, bake the snapshot, restore it
+        shutil.rmtree(bake.root / "snapshots", ignore_errors=True)
+        return common.run_timed([common.CLI, "run", str(image), "true"],
+                                env=common.home_env(bake)).seconds
+    if mode == "api boot":
+        return common.run_timed([sys.executable, "-c", API_BOOT, str(image),
+                                 str(warm.root)]).seconds
+    return floor.boot()[1]
+
+
+def compare(image: Path, floor: Floor, warm: common.Home, bake: common.Home, reps: int
+            ) -> dict[str, list[float]]:
+    """All modes, interleaved rep by rep, so slow phases of the machine hit them all."""
+    common.run_timed([common.CLI, "run", str(image), "true"],
+                     env=common.home_env(warm))  # bakes the warm home's snapshot if needed
+    runs: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(reps):
-        ours.append(common.run_timed([common.CLI, "run", str(image), "true"], env=env).seconds)
-        marker, total = floor.boot()
-        floor_marker.append(marker)
-        floor_exit.append(total)
-    return {"ours": ours, "floor": floor_exit, "floor_marker": floor_marker}
+        for mode in MODES:
+            runs[mode].append(one_rep(mode, image, floor, warm, bake))
+    return runs
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--phases-child":
-        phases_child(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 4 and sys.argv[1] in ("--phases-child", "--restore-phases-child"):
+        child = phases_child if sys.argv[1] == "--phases-child" else restore_phases_child
+        child(sys.argv[2], sys.argv[3])
         return 0
     args = common.parse_args(__doc__.splitlines()[0])
-    reps = args.reps or (2 if args.quick else 10)
+    reps = args.reps or (2 if args.quick else 6)
     info = common.machine_info()
     common.print_header("bench_run", info, args.quick)
 
@@ -275,39 +356,41 @@ def main() -> int:
     from supermachine.images.source import open_local, parse_source
 
     images = {"busybox": fx.busybox(), "python": fx.python()}
-    home = common.warm_home()
-    common.ensure_guest(home)
+    warm = common.warm_home()
+    common.ensure_guest(warm)
     rootfs = {}
     for name, layout in images.items():
         src = parse_source(str(layout))
         assert src is not None
-        rootfs[name] = ensure_rootfs(open_local(src), home)
+        rootfs[name] = ensure_rootfs(open_local(src), warm)
 
     results: dict[str, Any] = {"machine": info, "reps": reps, "quick": args.quick}
     rows = []
-    with tempfile.TemporaryDirectory(prefix="sm-bench-floor-") as tmp:
-        floor = Floor(home, rootfs["busybox"], Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="sm-bench-floor-") as tmp, \
+            common.fresh_home("bake") as bake:
+        common.link_tree(warm.rootfs, bake.rootfs)  # first runs, but of cached root filesystems
+        floor = Floor(warm, rootfs["busybox"], Path(tmp))
         results["floor_command"] = floor.command(qmp_fd=3, console_fd=4)
         for name, layout in images.items():
-            # The floor boots the same disk as ours (it never mounts it, like ours before
-            # HELLO it only has to be attached).
-            floor.config = type(floor.config)(**{**floor.config.__dict__,
-                                                 "rootfs": rootfs[name]})
-            runs = ours_vs_floor(layout, floor, home, reps)
-            s_ours, s_floor = summary(runs["ours"]), summary(runs["floor"])
-            ratio = s_ours["median"] / s_floor["median"]
-            results[name] = {"ours": s_ours, "floor": s_floor,
-                             "floor_marker": summary(runs["floor_marker"]),
-                             "ratio_median": ratio, "target_ratio": 1.3, "samples": runs}
-            rows.append([name, fmt_s(s_ours["median"]), fmt_s(s_ours["p99"]),
-                         fmt_s(s_floor["median"]), fmt_s(s_floor["p99"]),
-                         fmt_s(summary(runs["floor_marker"])["median"]), f"{ratio:.2f}x",
-                         "yes" if ratio <= 1.3 else "NO"])
+            # The floor attaches the same disk as ours (neither reads it before init runs).
+            floor.config = dataclasses.replace(floor.config, rootfs=rootfs[name])
+            runs = compare(layout, floor, warm, bake, reps)
+            s = {m: summary(v) for m, v in runs.items()}
+            ratios = {m: s[m]["median"] / s["floor"]["median"] for m in MODES}
+            results[name] = {"summary": s, "ratio_median_vs_floor": ratios,
+                             "target_ratio": 1.3, "samples": runs}
+            for m in MODES:
+                rows.append([name, m, fmt_s(s[m]["median"]), fmt_s(s[m]["p99"]),
+                             f"{ratios[m]:.2f}x", "" if m == "floor" else
+                             ("yes" if ratios[m] <= 1.3 else "NO")])
     common.print_table(
-        f"supermachine run IMAGE true vs bare-QEMU floor ({reps} alternating reps, "
-        f"accel {info['accel']})",
-        ["image", "ours p50", "ours p99", "floor p50", "floor p99", "floor marker p50",
-         "ratio p50", "<=1.3x"], rows)
+        f"run IMAGE true, whole process wall time ({reps} interleaved reps, accel "
+        f"{info['accel']})", ["image", "mode", "p50", "p99", "/floor p50", "<=1.3x"], rows)
+    print("modes: cli restore = `supermachine run` with the image's automatic snapshot present"
+          " (the default path);\n  cli first run = the same with no snapshot yet (boot + bake"
+          " + restore);\n  api boot = a python process doing VM(image, snapshot=False) +"
+          " run_workload(['true']) (cold boot);\n  floor = bare QEMU, same command line minus"
+          " the agent channel, /init = marker + poweroff.")
 
     # Where the time goes.
     startup_reps = 5 if args.quick else 20
@@ -315,33 +398,37 @@ def main() -> int:
                for _ in range(startup_reps)]
     cli_help = [common.run_timed([common.CLI, "--help"]).seconds for _ in range(startup_reps)]
     phase_reps = 1 if args.quick else 5
-    phases = measure_phases(images["busybox"], home, phase_reps)
-    results["phases_busybox"] = {k: summary(v) for k, v in phases.items()}
     results["python_startup"] = summary(py_pass)
     results["cli_help"] = summary(cli_help)
-    ours_med = results["busybox"]["ours"]["median"]
-    prow = [["python -c pass (venv)", fmt_s(summary(py_pass)["median"]), startup_reps],
-            ["supermachine --help", fmt_s(summary(cli_help)["median"]), startup_reps]]
-    accounted = summary(py_pass)["median"]
-    for k, v in phases.items():
-        med = summary(v)["median"]
-        accounted += med
-        prow.append([k, fmt_s(med), len(v)])
-    prow.append(["sum (python start + phases)", fmt_s(accounted), ""])
-    prow.append(["CLI run, busybox (from above)", fmt_s(ours_med), reps])
-    prow.append(["floor: marker / exit", f"{fmt_s(results['busybox']['floor_marker']['median'])}"
-                 f" / {fmt_s(results['busybox']['floor']['median'])}", reps])
-    common.print_table("phases of a busybox run (medians; phases timed in a fresh process each)",
-                       ["phase", "median", "n"], prow)
+    for label, mode, key in (("boot path, no snapshot", "--phases-child", "api boot"),
+                             ("restore path", "--restore-phases-child", "cli restore")):
+        phases = measure_phases(mode, images["busybox"], warm, phase_reps)
+        results[f"phases_busybox_{mode.strip('-')}"] = {k: summary(v) for k, v in phases.items()}
+        prow = [["python -c pass (venv)", fmt_s(summary(py_pass)["median"]), startup_reps],
+                ["supermachine --help", fmt_s(summary(cli_help)["median"]), startup_reps]]
+        accounted = summary(py_pass)["median"]
+        for k, v in phases.items():
+            med = summary(v)["median"]
+            if not k.startswith("  "):  # indented rows split the row above them
+                accounted += med
+            prow.append([k, fmt_s(med), len(v)])
+        prow.append(["sum (python start + phases)", fmt_s(accounted), ""])
+        prow.append([f"whole process, {key} (from above)",
+                     fmt_s(results["busybox"]["summary"][key]["median"]), reps])
+        prow.append(["floor (from above)",
+                     fmt_s(results["busybox"]["summary"]["floor"]["median"]), reps])
+        common.print_table(f"phases of a busybox run, {label} (medians; a fresh process each)",
+                           ["phase", "median", "n"], prow)
 
     build_rows = []
     results["rootfs_build"] = {}
     for name, layout in images.items():
         r = rootfs_build(layout)
         results["rootfs_build"][name] = r
-        build_rows.append([name, fmt_s(r["seconds"]), f"{r['squashfs_bytes'] / 1e6:.1f} MB"])
+        build_rows.append([name, fmt_s(r["seconds"]), f"{r['squashfs_bytes'] / 1e6:.1f} MB",
+                           f"{r['layers_bytes'] / 1e6:.1f} MB"])
     common.print_table("rootfs build in a fresh store (1 rep each)",
-                       ["image", "build", "squashfs size"], build_rows)
+                       ["image", "build", "squashfs size", "layers (compressed)"], build_rows)
     common.write_results("bench_run", results)
     return 0
 

@@ -172,7 +172,7 @@ def print_header(name: str, info: dict[str, Any], quick: bool) -> None:
 # ---------------------------------------------------------------------------- homes
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def link_tree(src: Path, dst: Path) -> None:
     """Copy a directory tree with hard links (same filesystem), falling back to copies."""
     def link_or_copy(s: str, d: str) -> None:
         try:
@@ -190,7 +190,7 @@ def warm_home() -> Home:
     """The benchmarks' persistent home, with the guest kernel in it (linked or fetched)."""
     WARM_HOME.mkdir(parents=True, exist_ok=True)
     if not _has_kernel(WARM_HOME) and _has_kernel(TEST_HOME):
-        _link_tree(TEST_HOME / "guest", WARM_HOME / "guest")
+        link_tree(TEST_HOME / "guest", WARM_HOME / "guest")
     return Home(WARM_HOME)
 
 
@@ -201,7 +201,7 @@ def fresh_home(tag: str) -> Iterator[Home]:
     ensure_guest(warm)  # so the fresh home gets a built initramfs too
     root = Path(tempfile.mkdtemp(prefix=f"sm-bench-{tag}-", dir=SCRATCH))
     try:
-        _link_tree(warm.root / "guest", root / "guest")
+        link_tree(warm.root / "guest", root / "guest")
         yield Home(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
