@@ -30,6 +30,9 @@ from .qmp import QMPClient
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+#: bump whenever build_command changes the machine's devices or options: snapshots made
+#: with another layout must not be restored (the version is part of their fingerprint)
+MACHINE_LAYOUT = 1
 CONSOLE_KEEP = 64 * 1024  # bytes of console output kept for error messages
 
 
@@ -328,4 +331,5 @@ class QemuEngine(Engine):
     def version(self) -> str:
         out = subprocess.run([self._qemu, "--version"], capture_output=True, text=True,
                              check=False).stdout
-        return out.splitlines()[0].strip() if out else "unknown"
+        qemu = out.splitlines()[0].strip() if out else "unknown"
+        return f"{qemu}; microvm layout {MACHINE_LAYOUT}"
