@@ -52,6 +52,7 @@ log = logging.getLogger("supermachine.supervisor")
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0  # a client must send its request this soon after connecting
 STOP_KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the workload before tearing down
+SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace period
 
 
 # ---- CLI side ---------------------------------------------------------------------------
@@ -167,6 +168,8 @@ class Supervisor:
         self._report({"ok": True})
         while not self._signalled and not self._done.wait(0.2):
             pass
+        if self._signalled and not self._workload_done.is_set():
+            self._stop(SIGNAL_STOP_GRACE)  # like `stop`: the workload may clean up
         self._teardown()
         return 0
 

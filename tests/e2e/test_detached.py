@@ -223,6 +223,20 @@ def test_killed_supervisor_leaves_no_vm_and_is_removable(cli, home, busybox):
     _ok(cli("rm", name))  # no -f needed: it is not running
 
 
+def test_sigterm_to_the_supervisor_stops_the_workload_gracefully(cli, home, busybox):
+    name = "e2e-sigterm"
+    cli("rm", "-f", name)
+    _ok(cli("run", "-d", "--name", name, str(busybox), "sh", "-c",
+            "trap 'echo cleaning up; exit 5' TERM; while :; do sleep 0.2; done"))
+    info = _inspect(home, name)
+    os.kill(info["supervisor_pid"], signal.SIGTERM)
+    _wait_for(lambda: _inspect(home, name)["state"]["status"] == "exited", 20, "the exit")
+    assert _inspect(home, name)["exit_code"] == 5
+    assert info["qemu_pid"] not in qemu_pids()
+    assert _ok(cli("logs", name)).stdout == b"cleaning up\n"
+    _ok(cli("rm", name))
+
+
 def test_rm_force_stops_a_running_vm(cli, home, busybox):
     name = "e2e-forced"
     cli("rm", "-f", name)
