@@ -167,20 +167,18 @@ def exec_in(d: VMDir, req: ExecRequest) -> RemoteProcess:
     return RemoteProcess(conn, req.argv[0])
 
 
-def _finish(conn: FrameSocket, what: str) -> None:
-    """Wait for the EXIT of a file operation; raise with the supervisor's message."""
-    while True:
-        frame = conn.recv()
-        if frame is None:
-            raise VMError(f"the VM stopped during {what}")
-        if frame.kind == Kind.EXIT:
-            code, error, err_no = _exit_of(frame)
-            if code:
-                err = VMError(error or f"{what} failed")
-                err.errno = err_no  # type: ignore[attr-defined]
-                raise err
-            return
+def _finish(conn: FrameSocket, what: str, frame: Frame | None = None) -> None:
+    """Wait for (or take ``frame`` as) the EXIT of an operation; raise with its message."""
+    frame = frame or conn.recv()
+    if frame is None:
+        raise VMError(f"the VM stopped during {what}")
+    if frame.kind != Kind.EXIT:
         raise ControlError(f"unexpected {frame.kind.name} frame from the supervisor")
+    code, error, err_no = _exit_of(frame)
+    if code:
+        err = VMError(error or f"{what} failed")
+        err.errno = err_no  # type: ignore[attr-defined]
+        raise err
 
 
 def read_file_to(d: VMDir, path: str, out: BinaryIO) -> int:
@@ -197,8 +195,7 @@ def read_file_to(d: VMDir, path: str, out: BinaryIO) -> int:
                 break
             out.write(frame.payload)
             total += len(frame.payload)
-        conn._frames.appendleft(frame)  # the EXIT, read by _finish
-        _finish(conn, f"copying {path}")
+        _finish(conn, f"copying {path}", frame)
     finally:
         conn.close()
     return total

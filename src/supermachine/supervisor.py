@@ -16,6 +16,7 @@ dies with it and the free lock tells everyone the VM is dead.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -66,8 +67,6 @@ def launch(home: Home, name: str | None, image: str, options: dict[str, Any]) ->
         _rmtree_quiet(d)
         raise
     try:
-        import fcntl
-
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         d.write(VMRecord(name=d.name, id=detached.new_id(), image=image, command=[],
                          created=time.time(), options=options))
