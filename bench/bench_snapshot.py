@@ -1,0 +1,244 @@
+"""Snapshots (issue 5): restore vs cold boot, CLI, pools, memory per VM and density.
+
+Measured in one run, on one warm home (snapshot already baked: baking is the first boot's
+one-time cost, reported separately):
+
+- restore -> first exec result (`VM(image).start()` + `exec(["true"])`), p50/p99, against
+  cold boot -> first exec result (`VM(image, snapshot=False)`), and their ratio;
+- the same through the CLI (`supermachine run IMAGE echo x`), Python start-up included;
+- pool `acquire()` -> exec result -> `release()` while the pool is warm;
+- memory of idle restored VMs of the Debian+python image: RSS and PSS of each QEMU, the
+  host process's share, how much of the guest RAM mapping is shared between clones;
+- density: idle restored python VMs started one after another until one fails or the
+  cap is reached; all must still answer a ping at the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402 (path set up above)
+    CLI,
+    fmt_s,
+    machine_info,
+    parse_args,
+    print_header,
+    print_table,
+    summary,
+    warm_home,
+    write_results,
+)
+from tests.fixtures import images as fx  # noqa: E402
+
+import supermachine as sm  # noqa: E402
+
+MEMORY = "256M"
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def mem_mapping(pid: int, path: Path) -> dict[str, int]:
+    """smaps counters of QEMU's mapping of the snapshot memory file."""
+    counters: dict[str, int] = {}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=5)
+        if len(first) >= 5 and "-" in first[0] and not line.endswith(" kB"):
+            inside = line.endswith(str(path))
+            continue
+        if inside and line.endswith(" kB"):
+            key, _, rest = line.partition(":")
+            counters[key] = counters.get(key, 0) + int(rest.split()[0]) * 1024
+    return counters
+
+
+def timed_restore_exec(image: Path, home, snapshot: bool) -> tuple[float, float, float]:
+    t0 = time.perf_counter()
+    vm = sm.VM(image, home=home, memory=MEMORY, snapshot=snapshot)
+    vm.start()
+    t1 = time.perf_counter()
+    try:
+        r = vm.exec(["true"])
+        t2 = time.perf_counter()
+        assert r.exit_code == 0, r
+    finally:
+        vm.close()
+    return t2 - t0, t1 - t0, t2 - t1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    quick = args.quick
+    reps = args.reps or (5 if quick else 30)
+    cold_reps = 2 if quick else 5
+    info = machine_info()
+    print_header("bench_snapshot", info, quick)
+    home = warm_home()
+    busybox, python = fx.busybox(), fx.python()
+    results: dict = {"machine": info, "memory": MEMORY}
+
+    # one-time: bake (and measure it) unless present
+    t = time.perf_counter()
+    sm.VM(busybox, home=home, memory=MEMORY).start().close()
+    results["first_use_s"] = time.perf_counter() - t
+
+    restore, restore_start, restore_exec, cold = [], [], [], []
+    for i in range(reps):
+        total, start, first = timed_restore_exec(busybox, home, snapshot=True)
+        restore.append(total)
+        restore_start.append(start)
+        restore_exec.append(first)
+        if i < cold_reps:  # interleave the baseline with the measured thing
+            cold.append(timed_restore_exec(busybox, home, snapshot=False)[0])
+    ratio = statistics.median(cold) / statistics.median(restore)
+    results["api"] = {"restore_to_first_exec": summary(restore),
+                      "restore_only": summary(restore_start),
+                      "first_exec_after_restore": summary(restore_exec),
+                      "cold_boot_to_first_exec": summary(cold), "ratio_cold_over_restore": ratio}
+
+    cli_runs = []
+    env = {**os.environ, "SUPERMACHINE_HOME": str(home.root)}
+    for _ in range(3 if quick else 10):
+        t = time.perf_counter()
+        out = subprocess.run([CLI, "run", "--memory", MEMORY, str(busybox), "echo", "x"],
+                             capture_output=True, env=env, stdin=subprocess.DEVNULL)
+        cli_runs.append(time.perf_counter() - t)
+        assert out.stdout == b"x\n", out.stderr
+    results["cli_run_echo"] = summary(cli_runs)
+
+    acquire = []
+    with sm.Pool(busybox, size=2, home=home, memory=MEMORY) as pool:
+        for _ in range(10 if quick else 30):
+            deadline = time.monotonic() + 120
+            while pool.ready < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            t = time.perf_counter()
+            vm = pool.acquire()
+            r = vm.exec(["true"])
+            acquire.append(time.perf_counter() - t)
+            assert r.exit_code == 0
+            pool.release(vm)
+    results["pool_acquire_to_exec"] = summary(acquire)
+
+    # memory of idle restored python VMs
+    sm.VM(python, home=home, memory=MEMORY).start().close()  # bake
+    sample = 3 if quick else 10
+    vms = []
+    gc.collect()
+    host_before = smaps_rollup(os.getpid())["Rss"]
+    try:
+        for _ in range(sample):
+            vms.append(sm.VM(python, home=home, memory=MEMORY).start())
+        for vm in vms:
+            assert vm.exec(["python3", "-c", "pass"]).exit_code == 0
+        time.sleep(1)
+        host_after = smaps_rollup(os.getpid())["Rss"]
+        per_vm = []
+        for vm in vms:
+            pid = vm._machine.pid
+            roll = smaps_rollup(pid)
+            ram = mem_mapping(pid, Path(vm._machine.config.memory_file))
+            # Clean pages of the file mapping are the page cache, shared by every clone that
+            # maps them; dirty private pages are this clone's copy-on-write copies.
+            resident = ram.get("Rss", 0)
+            copied = ram.get("Private_Dirty", 0)
+            per_vm.append({"qemu_rss": roll["Rss"], "qemu_pss": roll["Pss"],
+                           "guest_ram_resident": resident,
+                           "guest_ram_shared_fraction": 1 - copied / max(1, resident)})
+    finally:
+        for vm in vms:
+            vm.close()
+    host_per_vm = (host_after - host_before) / sample
+
+    def med(key: str) -> float:
+        return statistics.median(v[key] for v in per_vm)
+
+    results["idle_python_vm"] = {
+        "sample": sample, "qemu_rss_median": med("qemu_rss"), "qemu_pss_median": med("qemu_pss"),
+        "guest_ram_resident_median": med("guest_ram_resident"),
+        "guest_ram_shared_fraction_median": med("guest_ram_shared_fraction"),
+        "host_process_rss_per_vm": host_per_vm}
+
+    cap = 12 if quick else 120
+    density = []
+    failure = None
+    t = time.perf_counter()
+    try:
+        while len(density) < cap:
+            try:
+                density.append(sm.VM(python, home=home, memory=MEMORY).start())
+            except sm.Error as e:
+                failure = str(e)
+                break
+        alive = 0
+        for vm in density:
+            try:
+                vm._agent().ping(timeout=30)
+                alive += 1
+            except sm.Error:
+                pass
+        avail = 0
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    finally:
+        for vm in density:
+            vm.close()
+    results["density"] = {"started": len(density), "cap": cap, "alive_at_end": alive,
+                          "first_failure": failure, "seconds_to_start_all":
+                          time.perf_counter() - t, "mem_available_with_all_running": avail}
+
+    api = results["api"]
+    mib = 1 << 20
+    print_table(f"restore vs cold boot (busybox, API, {MEMORY} guest)",
+                ["measure", "n", "p50", "p99"],
+                [["restore -> first exec result", reps,
+                  fmt_s(api["restore_to_first_exec"]["median"]),
+                  fmt_s(api["restore_to_first_exec"]["p99"])],
+                 ["  of which restore (start())", reps, fmt_s(api["restore_only"]["median"]),
+                  fmt_s(api["restore_only"]["p99"])],
+                 ["  of which first exec", reps,
+                  fmt_s(api["first_exec_after_restore"]["median"]),
+                  fmt_s(api["first_exec_after_restore"]["p99"])],
+                 ["cold boot -> first exec result", cold_reps,
+                  fmt_s(api["cold_boot_to_first_exec"]["median"]),
+                  fmt_s(api["cold_boot_to_first_exec"]["p99"])],
+                 ["CLI run IMAGE echo x", len(cli_runs), fmt_s(results["cli_run_echo"]["median"]),
+                  fmt_s(results["cli_run_echo"]["p99"])],
+                 ["pool acquire -> exec (warm)", len(acquire),
+                  fmt_s(results["pool_acquire_to_exec"]["median"]),
+                  fmt_s(results["pool_acquire_to_exec"]["p99"])]])
+    print(f"\ncold / restore ratio: {ratio:.1f}x (target >= 20x); "
+          f"first use (bake): {fmt_s(results['first_use_s'])}")
+    idle = results["idle_python_vm"]
+    print_table(f"idle restored python VMs (n={sample})", ["measure", "value"], [
+        ["QEMU RSS (median)", f"{idle['qemu_rss_median'] / mib:.1f} MiB"],
+        ["QEMU PSS (median)", f"{idle['qemu_pss_median'] / mib:.1f} MiB"],
+        ["guest RAM resident in QEMU", f"{idle['guest_ram_resident_median'] / mib:.1f} MiB"],
+        ["  of it shared (not copied on write)",
+         f"{idle['guest_ram_shared_fraction_median']:.0%}"],
+        ["host process RSS per VM", f"{idle['host_process_rss_per_vm'] / mib:.1f} MiB"]])
+    d = results["density"]
+    print(f"\ndensity: {d['started']} idle python VMs started (cap {cap}), {d['alive_at_end']} "
+          f"answering at the end; MemAvailable then {d['mem_available_with_all_running'] / mib:.0f}"
+          f" MiB; first failure: {d['first_failure']}")
+    write_results("bench_snapshot", results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
