@@ -14,10 +14,9 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
-from .agent.client import ExitStatus
-from .agent.protocol import Stream
 from .control import (
     MAX_PAYLOAD,
     ControlError,
@@ -38,6 +37,15 @@ from .detached import VMDir
 from .errors import VMError
 
 _RECV = 1 << 16
+STDOUT, STDERR = 1, 2  # the agent's stream numbers; not imported, to keep `exec` start-up cheap
+
+
+@dataclass(frozen=True)
+class RemoteExit:
+    """How an exec in a detached VM ended, in shell terms (like agent.client.ExitStatus)."""
+
+    exit_code: int
+    error: str | None = None
 
 
 class FrameSocket:
@@ -110,7 +118,7 @@ class RemoteProcess:
     def __init__(self, conn: FrameSocket, label: str) -> None:
         self._conn = conn
         self.label = label
-        self._status: ExitStatus | None = None
+        self._status: RemoteExit | None = None
 
     def __enter__(self) -> RemoteProcess:
         return self
@@ -132,22 +140,22 @@ class RemoteProcess:
     def signal(self, signo: int) -> None:
         self._conn.send(encode_signal(signo))
 
-    def __iter__(self) -> Iterator[tuple[Stream, bytes]]:
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
         while self._status is None:
             frame = self._conn.recv()
             if frame is None:
                 raise VMError(f"the VM stopped while {self.label} was running")
             if frame.kind == Kind.STDOUT:
-                yield Stream.STDOUT, frame.payload
+                yield STDOUT, frame.payload
             elif frame.kind == Kind.STDERR:
-                yield Stream.STDERR, frame.payload
+                yield STDERR, frame.payload
             elif frame.kind == Kind.EXIT:
                 code, error, _ = _exit_of(frame)
-                self._status = ExitStatus(code, error=error)
+                self._status = RemoteExit(code, error)
             else:
                 raise ControlError(f"unexpected {frame.kind.name} frame from the supervisor")
 
-    def wait(self) -> ExitStatus:
+    def wait(self) -> RemoteExit:
         for _ in self:
             pass
         assert self._status is not None

@@ -93,6 +93,7 @@ def test_cp_both_ways_is_binary_safe(cli, shared, tmp_path):
     out_dir.mkdir()
     _ok(cli("cp", f"{shared}:/etc/passwd", str(out_dir)))  # into a host directory
     assert b"root:" in (out_dir / "passwd").read_bytes()
+    assert _ok(cli("cp", f"{shared}:/etc/passwd", "-")).stdout == (out_dir / "passwd").read_bytes()
 
 
 def test_cp_errors_are_one_line(cli, shared, tmp_path):
