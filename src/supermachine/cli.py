@@ -478,9 +478,14 @@ def _stop(d, timeout: float) -> None:
     except VMError:
         _signal_supervisor(d, signal.SIGTERM)  # still starting: no socket yet
     deadline = time.monotonic() + timeout + 30
+    killed = False
     while d.alive():
         if time.monotonic() > deadline:
+            if killed:
+                raise VMError(f"VM {d.name} does not stop; its supervisor pid is in "
+                              f"`supermachine inspect {d.name}`")
             _signal_supervisor(d, signal.SIGKILL)  # QEMU dies with it (PR_SET_PDEATHSIG)
+            killed = True
             deadline = time.monotonic() + 10
         time.sleep(0.05)
 

@@ -75,12 +75,14 @@ def launch(home: Home, name: str | None, image: str, options: dict[str, Any]) ->
             _start_process(d, lock_fd, ready_w)
         finally:
             os.close(ready_w)
-        report = _read_report(ready_r)
     except BaseException:
         _rmtree_quiet(d)
         raise
     finally:
-        os.close(lock_fd)
+        os.close(lock_fd)  # the supervisor holds the lock from here on
+    # Interrupted while waiting (Ctrl-C), we leave: the supervisor finds the pipe closed
+    # when it reports, and then destroys the VM and its directory itself.
+    report = _read_report(ready_r)
     if report.get("ok"):
         return d.name
     # Nothing ran: free the name again, once the supervisor has let go of the directory.
@@ -158,13 +160,21 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             # Only a flag: Event.set() takes a lock the interrupted main thread may hold.
             signal.signal(sig, self._on_signal)
+        with contextlib.suppress(Error, OSError):  # `stop` can find us while we boot
+            self.d.update(supervisor_pid=os.getpid())
         try:
             self._boot()
         except Error as e:
-            self._report({"error": str(e), "code": e.exit_code})
-            self._teardown(record=False)  # the launcher removes the directory
+            reported = self._report({"error": str(e), "code": e.exit_code})
+            self._teardown(record=False)
+            if not reported:  # else the launcher removes the directory
+                _rmtree_quiet(self.d)
             return 1
-        self._report({"ok": True})
+        if not self._report({"ok": True}):
+            log.warning("the launcher went away before the VM was ready; destroying it")
+            self._teardown(record=False)
+            _rmtree_quiet(self.d)
+            return 1
         while not self._signalled and not self._done.wait(0.2):
             pass
         if self._signalled and not self._workload_done.is_set():
@@ -215,13 +225,18 @@ class Supervisor:
                       memory_mib=self.vm.memory_mib, cpus=self.vm.cpus)
         self._spawn_thread(self._log_workload, "workload-log")
 
-    def _report(self, obj: dict[str, object]) -> None:
+    def _report(self, obj: dict[str, object]) -> bool:
+        """Tell the launcher how the start went; False if it is no longer listening."""
         fd, self._ready_fd = self._ready_fd, None
         if fd is None:
-            return
-        with contextlib.suppress(OSError):
+            return False
+        try:
             os.write(fd, json.dumps(obj).encode())
-        os.close(fd)
+            return True
+        except OSError:  # EPIPE: the launcher was interrupted
+            return False
+        finally:
+            os.close(fd)
 
     def _teardown(self, record: bool = True) -> None:
         if self._listener is not None:
