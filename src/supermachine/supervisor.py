@@ -196,7 +196,8 @@ class Supervisor:
                      pull=o.get("pull", "missing"), platform=o.get("platform"),
                      registry_options={"insecure_registries": tuple(o.get("insecure", ())),
                                        "ca_file": o.get("ca_file")},
-                     on_notice=lambda m: log.info("%s", m))
+                     on_notice=lambda m: log.info("%s", m),
+                     hostname=self._record.name[:64])  # docker names the host too
         self.vm.start()
         cfg = self.vm.image.config
         self._stop_signal = parse_stop_signal(cfg.stop_signal)

@@ -65,6 +65,10 @@ def test_exec_missing_binary_is_127_with_a_message(cli, shared):
     assert b"no-such-binary" in r.stderr and b"Traceback" not in r.stderr
 
 
+def test_hostname_is_the_name(cli, shared):
+    assert _ok(cli("exec", shared, "hostname")).stdout == f"{shared}\n".encode()
+
+
 def test_exec_env_workdir_user(cli, shared):
     r = _ok(cli("exec", "-e", "A=1", "-e", "FROM_HERE", "-w", "/tmp", "-u", "1000", shared,
                 "sh", "-c", 'echo "$A $FROM_HERE $(pwd) $(id -u)"',
