@@ -68,6 +68,11 @@ class VM:
         registry_options: Mapping[str, object] | None = None,
         snapshot: bool = True,
         hostname: str | None = None,
+        network: str = "user",
+        ports: Mapping[int | str, int] | Sequence[str | int] | None = None,
+        publish_all: bool = False,
+        allow_hosts: Sequence[str] = (),
+        allow_host_loopback: bool = False,
     ) -> None:
         self._image_ref = os.fspath(image)
         self.memory_mib = parse_memory(memory)
@@ -87,6 +92,19 @@ class VM:
         self._registry_options = dict(registry_options or {})
         self._use_snapshot = snapshot
         self._hostname = hostname
+        from .engine import net
+
+        # Validated now, so bad specs fail before anything is pulled or booted.
+        self._forwards = list(net.parse_ports(ports))
+        self._publish_all = publish_all
+        for item in allow_hosts:
+            net.parse_allow_host(item)
+        self._network = net.Network(mode=network, allow_host_loopback=allow_host_loopback,
+                                    allow_hosts=tuple(allow_hosts))
+        if publish_all and not self._network.enabled:
+            raise UsageError("network 'none' has no interface: it cannot publish ports")
+        #: published ports, host side resolved (no 0 ports) once the VM runs
+        self.ports: tuple[net.PortForward, ...] = ()
         #: name of the snapshot this VM was restored from (None when it booted)
         self.restored_from: str | None = None
         self._stack: contextlib.ExitStack | None = None
@@ -140,7 +158,7 @@ class VM:
         self._config = MachineConfig(
             kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline,
             rootfs=rootfs, memory_mib=self.memory_mib, cpus=self.cpus,
-            accel=self.accel.name, verbose=self._verbose,
+            accel=self.accel.name, verbose=self._verbose, network=self._resolve_network(),
         )
         inputs = {
             "format": snapshot_mod.FORMAT, "guest": assets.fingerprint,
@@ -149,6 +167,9 @@ class VM:
                        if k in ("ino", "size", "mtime_ns")},
             "memory_mib": self.memory_mib, "cpus": self.cpus, "accel": self.accel.name,
             "engine": self._engine.version(),
+            # The NIC is a device of the saved machine; forwards and allow-lists are not
+            # (each launch starts its own passt), so restored VMs can publish any ports.
+            "network": self._network.mode,
         }
         self._snapshot_inputs = inputs
         t1 = time.monotonic()
@@ -177,10 +198,49 @@ class VM:
         log.debug("prepared in %.0f ms, %s in %.0f ms", (t1 - t0) * 1000,
                   "restored" if snap else "booted", (time.monotonic() - t1) * 1000)
 
+    def _resolve_network(self):
+        """This VM's network with every host port checked free or picked (before boot)."""
+        from .engine import net
+        from .engine.qemu import claim_host_ports
+
+        forwards = list(self._forwards)
+        if self._publish_all:
+            forwards += net.parse_exposed(self.image.config.exposed_ports)
+        network = dataclasses.replace(self._network, ports=claim_host_ports(tuple(forwards)))
+        self.ports = network.ports
+        return network
+
+    def _unpublished(self):
+        """This VM's network without its forwards: for helper machines (snapshot bakes) that
+        must not take the published ports."""
+        net = self._config.network
+        return dataclasses.replace(net, ports=()) if net is not None else None
+
+    def expose(self, guest_port: int, host_port: int = 0, proto: str = "tcp",
+               host_ip: str = "127.0.0.1") -> int:
+        """Publish ``guest_port`` on the host before the VM starts; returns the host port
+        once known (0 until `start()` picks a free one when ``host_port`` is 0).
+
+        passt takes its forwards when it starts, so a running VM cannot gain ports: give
+        them before `start()` (or as ``ports=``).
+        """
+        from .engine import net
+
+        if self._stack is not None:
+            raise VMError("ports can only be published before the VM starts; pass ports= "
+                          "or call expose() before start()")
+        if not self._network.enabled:
+            raise UsageError("network 'none' has no interface: it cannot publish ports")
+        spec = f"{host_ip}:{host_port}:{guest_port}/{proto}"
+        self._forwards = list(net.check_forwards([*self._forwards,
+                                                  net.parse_port_spec(spec)]))
+        return host_port
+
     def _auto_snapshot(self, inputs: dict) -> snapshot_mod.Snapshot | None:
         """The automatic snapshot for this VM's configuration, baked by a first boot."""
         def bake(mem: Path, state: Path) -> None:
-            config = dataclasses.replace(self._config, memory_file=mem, memory_shared=True)
+            config = dataclasses.replace(self._config, memory_file=mem, memory_shared=True,
+                                         network=self._unpublished())
             machine, client = self._launch(config)
             try:
                 machine.save_state(state)
@@ -278,7 +338,8 @@ class VM:
             stream = mem.with_name("stream")
             machine.save_full(stream)
             config = dataclasses.replace(self._config, memory_file=mem, memory_shared=True,
-                                         incoming_state=stream, incoming_full=True)
+                                         incoming_state=stream, incoming_full=True,
+                                         network=self._unpublished())
             copy = self._engine.launch(config)
             try:
                 copy.wait_incoming(120)

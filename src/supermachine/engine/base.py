@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from .net import Network
+
 
 @dataclass(frozen=True)
 class MachineConfig:
@@ -32,6 +34,9 @@ class MachineConfig:
     # file), rather than device state alone.
     incoming_full: bool = False
     verbose: bool = False
+    # Guest network (engine/net.py): None or mode "none" means no interface at all. The NIC
+    # is part of the machine (and so of snapshots); its forwards are not (see net.py).
+    network: Network | None = None
 
 
 class Machine(abc.ABC):

@@ -10,7 +10,9 @@ thread that launched it even when this process is SIGKILLed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
+import errno
 import functools
 import logging
 import os
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from ..errors import EngineError
+from . import net
 from .base import Engine, Machine, MachineConfig
 from .qmp import QMPClient
 
@@ -45,9 +48,21 @@ def qemu_binary() -> str:
     return found
 
 
+def passt_binary() -> str:
+    found = os.environ.get("SUPERMACHINE_PASST") or shutil.which("passt")
+    if not found:
+        raise EngineError("passt not found; install it (Debian: apt-get install passt) or run "
+                          "with --network none")
+    return found
+
+
 def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: int,
-                  console_fd: int, state_fd: int | None = None) -> list[str]:
-    """The QEMU command line for ``config`` (pure: unit-tested without starting anything)."""
+                  console_fd: int, state_fd: int | None = None,
+                  net_fd: int | None = None) -> list[str]:
+    """The QEMU command line for ``config`` (pure: unit-tested without starting anything).
+
+    ``net_fd``: QEMU's end of the stream socket to this VM's passt (networked configs).
+    """
     machine = ["microvm", "x-option-roms=off", "isa-serial=on", "rtc=on", "pit=off", "pic=off"]
     mem = f"{config.memory_mib}M"
     if config.memory_file is not None:
@@ -62,7 +77,8 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(config.kernel),
         "-initrd", str(config.initrd),
-        "-append", " ".join(config.cmdline),
+        "-append", " ".join((*config.cmdline, *net.guest_cmdline(config.network or
+                                                                   net.Network("none")))),
         "-chardev", f"socket,id=con,fd={console_fd}",
         "-serial", "chardev:con",
         "-chardev", f"socket,id=qmp,fd={qmp_fd}",
@@ -74,6 +90,13 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
         "-device", "virtserialport,chardev=agent,name=sm.agent",
         "-device", "virtio-rng-device",
     ]
+    if config.network is not None and config.network.enabled:
+        if net_fd is None:
+            raise ValueError("a networked machine needs its passt socket's fd")
+        # The same MAC everywhere: each VM has a network of its own, and a snapshot's guest
+        # keeps the MAC it booted with.
+        cmd += ["-netdev", f"stream,id=net0,addr.type=fd,addr.str={net_fd}",
+                "-device", f"virtio-net-device,netdev=net0,mac={net.GUEST_MAC}"]
     if config.memory_file is not None:
         share = "on" if config.memory_shared else "off"
         cmd += ["-object", f"memory-backend-file,id=mem,size={mem},"
@@ -97,6 +120,33 @@ def _child_setup() -> None:
     # terminal's signals (Ctrl-C) away from QEMU: the VM owner decides when it stops.
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.setpgid(0, 0)
+
+
+def claim_host_ports(forwards: tuple[net.PortForward, ...]) -> tuple[net.PortForward, ...]:
+    """Check every fixed host port is free and pick free ones for host port 0, before boot.
+
+    passt binds them itself (it cannot report a port it picked), so a port taken between
+    this check and passt's start is the one race left; passt then skips that port.
+    """
+    import dataclasses
+
+    out = []
+    for f in forwards:
+        kind = socket.SOCK_STREAM if f.proto == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                # Same as passt's listening socket: a port in TIME_WAIT is not "in use".
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((f.host_ip, f.host_port))
+            except OSError as e:
+                what = f"{f.host_ip}:{f.host_port}/{f.proto}"
+                if e.errno == errno.EADDRINUSE:
+                    raise EngineError(f"host port {what} is already in use; publish on another "
+                                      f"port (-p OTHER:{f.guest_port})") from None
+                raise EngineError(f"cannot publish on {what}: {e.strerror}") from None
+            out.append(dataclasses.replace(f, host_port=s.getsockname()[1]))
+    return net.check_forwards(out)
 
 
 class _Launcher:
@@ -190,13 +240,19 @@ class QemuMachine(Machine):
         passed = [agent_guest, qmp_guest, con_guest]
         state_fd = None
         state_file = None
+        self._passt: subprocess.Popen | None = None
         try:
+            net_fd = None
+            if config.network is not None and config.network.enabled:
+                net_qemu = self._start_passt(config.network)
+                passed.append(net_qemu)
+                net_fd = net_qemu.fileno()
             if config.incoming_state is not None:
                 state_file = open(config.incoming_state, "rb")  # noqa: SIM115 (closed below)
                 state_fd = state_file.fileno()
             cmd = build_command(config, qemu=qemu, agent_fd=agent_guest.fileno(),
                                 qmp_fd=qmp_guest.fileno(), console_fd=con_guest.fileno(),
-                                state_fd=state_fd)
+                                state_fd=state_fd, net_fd=net_fd)
             log.debug("qemu command: %s", shlex.join(cmd))
             fds = [s.fileno() for s in passed] + ([state_fd] if state_fd is not None else [])
             try:
@@ -209,6 +265,7 @@ class QemuMachine(Machine):
         except BaseException:
             for s in (agent_host, qmp_host, con_host):
                 s.close()
+            self._stop_passt()
             raise
         finally:
             for s in passed:
@@ -222,6 +279,39 @@ class QemuMachine(Machine):
         self._closed = False
         if state_fd is not None:
             self._start_incoming(state_fd)
+
+    def _start_passt(self, network: net.Network) -> socket.socket:
+        """Start this VM's passt on one end of a socketpair; returns QEMU's end.
+
+        passt runs in its own process (as nobody when started by root), dies with the
+        launching thread like QEMU, and quits by itself when QEMU closes the socket.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            cmd = net.passt_command(network, passt=passt_binary(), fd=ours.fileno())
+            log.debug("passt command: %s", shlex.join(cmd))
+            try:
+                self._passt = _spawn(lambda: subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=None if self.config.verbose else subprocess.DEVNULL,
+                    pass_fds=[ours.fileno()], preexec_fn=_child_setup))
+            except OSError as e:
+                raise EngineError(f"cannot start passt: {e.strerror}") from e
+        except BaseException:
+            theirs.close()
+            raise
+        finally:
+            ours.close()
+        return theirs
+
+    def _stop_passt(self) -> None:
+        proc, self._passt = self._passt, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def _start_incoming(self, state_fd: int) -> None:
         """Load the saved state; the guest runs as soon as it is in (autostart)."""
@@ -311,6 +401,7 @@ class QemuMachine(Machine):
             except ProcessLookupError:
                 pass
         self._proc.wait()
+        self._stop_passt()
         for closer in (self.agent.close, self._qmp.close, self._console.close):
             try:
                 closer()

@@ -5,6 +5,9 @@
  *   sm.root=PATH          root block device (default /dev/vda)
  *   sm.rootfstype=TYPE    its filesystem (default squashfs; erofs works the same way)
  *   sm.port=NAME          virtio-serial port name of the agent channel (default sm.agent)
+ *   sm.net=ADDR/PREFIX,GW,DNS  configure eth0 statically (no DHCP client needed in the image)
+ *                         and write /etc/resolv.conf; absent: eth0 is left alone (none mode
+ *                         has no NIC at all)
  *
  * Layout: the image is mounted read-only on /mnt/lower, a tmpfs on /mnt/rw holds the overlay's
  * upper and work dirs, the overlay is assembled on /mnt/root and moved over / (pivot_root
@@ -14,7 +17,10 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +46,7 @@ struct cmdline {
 	char root[128];
 	char fstype[32];
 	char port[64];
+	char net[96];
 };
 
 void power_off(void)
@@ -109,6 +116,7 @@ static void parse_cmdline(struct cmdline *c)
 		opt(tok, "sm.root=", c->root, sizeof(c->root));
 		opt(tok, "sm.rootfstype=", c->fstype, sizeof(c->fstype));
 		opt(tok, "sm.port=", c->port, sizeof(c->port));
+		opt(tok, "sm.net=", c->net, sizeof(c->net));
 	}
 }
 
@@ -250,6 +258,106 @@ static void loopback_up(bool debug)
 		close(s);
 }
 
+static int set_addr(int s, unsigned long req, const char *ifname, struct in_addr a)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr = a};
+	memcpy(&ifr.ifr_addr, &sin, sizeof(sin));
+	return ioctl(s, req, &ifr);
+}
+
+/* Parses "ADDR/PREFIX,GW,DNS" (all IPv4). */
+static bool parse_net(const char *spec, struct in_addr *addr, int *prefix, struct in_addr *gw,
+		      struct in_addr *dns)
+{
+	char buf[96];
+	snprintf(buf, sizeof(buf), "%s", spec);
+	char *slash = strchr(buf, '/'), *c1 = strchr(buf, ','), *c2 = c1 ? strchr(c1 + 1, ',') : 0;
+	if (!slash || !c1 || !c2 || slash > c1)
+		return false;
+	*slash = *c1 = *c2 = 0;
+	char *end;
+	long p = strtol(slash + 1, &end, 10);
+	if (*end || p < 1 || p > 32)
+		return false;
+	*prefix = (int)p;
+	return inet_pton(AF_INET, buf, addr) == 1 && inet_pton(AF_INET, c1 + 1, gw) == 1 &&
+	       inet_pton(AF_INET, c2 + 1, dns) == 1;
+}
+
+/* resolv.conf like docker's: always ours, replacing the image's file (or dangling link). */
+static void write_resolv(struct in_addr dns, bool debug)
+{
+	char ip[INET_ADDRSTRLEN], text[64];
+	inet_ntop(AF_INET, &dns, ip, sizeof(ip));
+	int n = snprintf(text, sizeof(text), "nameserver %s\n", ip);
+	mkdir("/etc", 0755);
+	unlink("/etc/resolv.conf");
+	int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW,
+		      0644);
+	if (fd < 0 || write(fd, text, (size_t)n) != n)
+		dprintf(2, "sm-init: write /etc/resolv.conf: %s\n", strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	sm_log(debug, "resolv.conf: nameserver %s", ip);
+}
+
+/* Static eth0 setup from sm.net=; failures are reported, not fatal: the VM still runs. */
+static void network_up(const char *spec, bool debug)
+{
+	struct in_addr addr, gw, dns;
+	int prefix;
+	if (!parse_net(spec, &addr, &prefix, &gw, &dns)) {
+		dprintf(2, "sm-init: bad sm.net=%s (want ADDR/PREFIX,GW,DNS)\n", spec);
+		return;
+	}
+	/* virtio_net was loaded with the other modules; its interface shows up shortly after. */
+	int64_t deadline = mono_ms() + DEVICE_WAIT_MS;
+	while (if_nametoindex("eth0") == 0 && mono_ms() < deadline) {
+		struct timespec ts = {0, 2 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct in_addr mask = {htonl(prefix == 32 ? 0xffffffffu : ~(0xffffffffu >> prefix))};
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	strcpy(ifr.ifr_name, "eth0");
+	const char *step = "socket";
+	if (s < 0)
+		goto fail;
+	step = "address";
+	if (set_addr(s, SIOCSIFADDR, "eth0", addr) < 0)
+		goto fail;
+	step = "netmask";
+	if (set_addr(s, SIOCSIFNETMASK, "eth0", mask) < 0)
+		goto fail;
+	step = "up";
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0 || (ifr.ifr_flags |= IFF_UP | IFF_RUNNING,
+						  ioctl(s, SIOCSIFFLAGS, &ifr) < 0))
+		goto fail;
+	struct rtentry rt;
+	memset(&rt, 0, sizeof(rt));
+	struct sockaddr_in any = {.sin_family = AF_INET}, via = {.sin_family = AF_INET, .sin_addr = gw};
+	memcpy(&rt.rt_dst, &any, sizeof(any));
+	memcpy(&rt.rt_genmask, &any, sizeof(any));
+	memcpy(&rt.rt_gateway, &via, sizeof(via));
+	rt.rt_flags = RTF_UP | RTF_GATEWAY;
+	rt.rt_dev = "eth0";
+	step = "default route";
+	if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+		goto fail;
+	close(s);
+	write_resolv(dns, debug);
+	sm_log(debug, "eth0 %s/%d", spec, prefix);
+	return;
+fail:
+	dprintf(2, "sm-init: eth0 %s: %s\n", step, strerror(errno));
+	if (s >= 0)
+		close(s);
+}
+
 /* Makes sure fds 0-2 exist, so later pipes never land on them. */
 static void std_fds(void)
 {
@@ -304,6 +412,8 @@ int boot_vm(bool *debug)
 	if (sethostname("localhost", 9) < 0)
 		sm_log(c.debug, "sethostname: %s", strerror(errno));
 	loopback_up(c.debug);
+	if (c.net[0])
+		network_up(c.net, c.debug);
 	/* Container runtimes give processes a high fd limit; docker's default is 1048576. */
 	struct rlimit rl = {1048576, 1048576};
 	if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
