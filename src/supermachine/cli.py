@@ -183,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         pull=args.pull,
         platform=args.platform,
         registry_options=_registry_options(args),
+        **_network_kwargs(args),
     )
     with machine:
         return machine.run_workload(
@@ -209,7 +210,18 @@ def _vm_options(args: argparse.Namespace) -> dict[str, object]:
         "verbose": args.verbose or args.debug,
         "entrypoint": args.entrypoint, "cmd": list(args.cmd), "env": _expand_env(args.env),
         "workdir": args.workdir, "user": args.user, "stdin": args.interactive, "tty": args.tty,
+        "vm_kwargs": _network_kwargs(args),
     }
+
+
+def _network_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """VM keyword arguments from the networking options of `run` (network=, ports=,
+    publish_all=, allow_hosts=, allow_host_loopback=; see supervisor.NETWORK_KWARGS).
+
+    Values must be JSON-able: detached VMs carry them to the supervisor in state.json.
+    Empty until `_add_run_options` grows networking options; the VM's defaults apply.
+    """
+    return {}
 
 
 def _abspath(path: str | None) -> str | None:
@@ -264,7 +276,7 @@ def _run_tty(args: argparse.Namespace) -> int:
         args.image, memory=args.memory, cpus=args.cpus, accel=args.accel, kernel=args.kernel,
         initrd=args.initrd, home=_home(args), verbose=args.verbose or args.debug,
         on_notice=_notice, pull=args.pull, platform=args.platform,
-        registry_options=_registry_options(args))
+        registry_options=_registry_options(args), **_network_kwargs(args))
     with machine:
         cfg = machine.image.config
         work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
@@ -396,7 +408,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         for s in states:
             print(s.record.name)
         return 0
-    rows = [("NAME", "IMAGE", "COMMAND", "CREATED", "STATUS")]
+    rows = [("NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS")]
     for s in states:
         r = s.record
         command = shlex.join(r.command)
@@ -404,7 +416,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
             command = command[:29] + "…"
         rows.append((r.name, _short_image(r.image), f'"{command}"',
                      f"{detached.human_duration(now - r.created)} ago",
-                     detached.status_text(s, now)))
+                     detached.status_text(s, now),
+                     ", ".join(r.ports) if s.running else ""))
     _print_table(rows)
     return 0
 

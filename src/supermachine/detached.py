@@ -57,6 +57,7 @@ class VMRecord:
     error: str | None = None
     memory_mib: int | None = None
     cpus: int | None = None
+    ports: list[str] = field(default_factory=list)  # published, "127.0.0.1:8080->80/tcp"
     options: dict[str, object] = field(default_factory=dict)  # how to run the workload
 
     def to_json(self) -> bytes:

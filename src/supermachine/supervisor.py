@@ -54,6 +54,9 @@ MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0  # a client must send its request this soon after connecting
 STOP_KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the workload before tearing down
 SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace period
+# VM keyword arguments `run` may pass through state.json (cli._network_kwargs)
+NETWORK_KWARGS = frozenset({"network", "ports", "publish_all", "allow_hosts",
+                            "allow_host_loopback"})
 
 
 # ---- CLI side ---------------------------------------------------------------------------
@@ -197,7 +200,9 @@ class Supervisor:
                      registry_options={"insecure_registries": tuple(o.get("insecure", ())),
                                        "ca_file": o.get("ca_file")},
                      on_notice=lambda m: log.info("%s", m),
-                     hostname=self._record.name[:64])  # docker names the host too
+                     hostname=self._record.name[:64],  # docker names the host too
+                     **{k: v for k, v in dict(o.get("vm_kwargs") or {}).items()
+                        if k in NETWORK_KWARGS})
         self.vm.start()
         cfg = self.vm.image.config
         self._stop_signal = parse_stop_signal(cfg.stop_signal)
@@ -223,7 +228,8 @@ class Supervisor:
         machine = getattr(self.vm, "_machine", None)  # informational only
         self.d.update(status=detached.RUNNING, command=list(work.argv), started=time.time(),
                       supervisor_pid=os.getpid(), qemu_pid=getattr(machine, "pid", None),
-                      memory_mib=self.vm.memory_mib, cpus=self.vm.cpus)
+                      memory_mib=self.vm.memory_mib, cpus=self.vm.cpus,
+                      ports=[str(p) for p in getattr(self.vm, "ports", ())])
         self._spawn_thread(self._log_workload, "workload-log")
 
     def _report(self, obj: dict[str, object]) -> bool:
