@@ -40,7 +40,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--initrd", metavar="PATH", help="initramfs to use with --kernel")
     p.add_argument("--pull", choices=["always", "missing", "never"], default="missing",
                    help="pull a registry image before running (default: missing)")
+    _add_network_options(p)
     _add_registry_options(p)
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--publish", action="append", default=[],
+                   metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]",
+                   help="publish a guest port on the host (127.0.0.1 unless HOSTIP is given; "
+                        "HOSTPORT empty or 0: any free port)")
+    p.add_argument("-P", "--publish-all", action="store_true",
+                   help="publish the image's exposed ports on free host ports")
+    p.add_argument("--network", choices=["user", "none"], default="user",
+                   help="user: outbound access through passt (default); none: no interface")
+    p.add_argument("--allow-host", action="append", default=[], metavar="CIDR|NAME",
+                   help="allow outbound traffic only to these (repeatable; names are "
+                        "resolved here at start); default: anywhere but this host")
+    p.add_argument("--allow-host-loopback", action="store_true",
+                   help="let the guest reach this host's 127.0.0.1 services at 10.0.2.2")
+    p.add_argument("--dns", action="append", default=[], metavar="IP",
+                   help="resolver the guest's DNS queries go to (default: this host's)")
 
 
 def _add_registry_options(p: argparse.ArgumentParser) -> None:
@@ -219,9 +238,10 @@ def _network_kwargs(args: argparse.Namespace) -> dict[str, object]:
     publish_all=, allow_hosts=, allow_host_loopback=; see supervisor.NETWORK_KWARGS).
 
     Values must be JSON-able: detached VMs carry them to the supervisor in state.json.
-    Empty until `_add_run_options` grows networking options; the VM's defaults apply.
     """
-    return {}
+    return {"network": args.network, "ports": list(args.publish),
+            "publish_all": args.publish_all, "allow_hosts": list(args.allow_host),
+            "allow_host_loopback": args.allow_host_loopback, "dns": list(args.dns)}
 
 
 def _abspath(path: str | None) -> str | None:

@@ -73,6 +73,7 @@ class VM:
         publish_all: bool = False,
         allow_hosts: Sequence[str] = (),
         allow_host_loopback: bool = False,
+        dns: Sequence[str] = (),
     ) -> None:
         self._image_ref = os.fspath(image)
         self.memory_mib = parse_memory(memory)
@@ -100,7 +101,7 @@ class VM:
         for item in allow_hosts:
             net.parse_allow_host(item)
         self._network = net.Network(mode=network, allow_host_loopback=allow_host_loopback,
-                                    allow_hosts=tuple(allow_hosts))
+                                    allow_hosts=tuple(allow_hosts), dns_servers=tuple(dns))
         if publish_all and not self._network.enabled:
             raise UsageError("network 'none' has no interface: it cannot publish ports")
         #: published ports, host side resolved (no 0 ports) once the VM runs
@@ -158,7 +159,7 @@ class VM:
         self._config = MachineConfig(
             kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline,
             rootfs=rootfs, memory_mib=self.memory_mib, cpus=self.cpus,
-            accel=self.accel.name, verbose=self._verbose, network=self._resolve_network(),
+            accel=self.accel.name, verbose=self._verbose, **self._network_config(),
         )
         inputs = {
             "format": snapshot_mod.FORMAT, "guest": assets.fingerprint,
@@ -198,17 +199,21 @@ class VM:
         log.debug("prepared in %.0f ms, %s in %.0f ms", (t1 - t0) * 1000,
                   "restored" if snap else "booted", (time.monotonic() - t1) * 1000)
 
-    def _resolve_network(self):
-        """This VM's network with every host port checked free or picked (before boot)."""
-        from .engine import net
+    def _network_config(self) -> dict[str, object]:
+        """MachineConfig's network fields: host ports checked free or picked, the egress
+        guard built and its policy resolved, all before anything boots."""
+        from .engine import net, netguard
         from .engine.qemu import claim_host_ports
 
+        if not self._network.enabled:
+            return {"network": self._network}
         forwards = list(self._forwards)
         if self._publish_all:
             forwards += net.parse_exposed(self.image.config.exposed_ports)
         network = dataclasses.replace(self._network, ports=claim_host_ports(tuple(forwards)))
         self.ports = network.ports
-        return network
+        return {"network": network, "netguard": netguard.ensure_netguard(self.home.guest),
+                "netguard_policy": netguard.policy(network)}
 
     def _unpublished(self):
         """This VM's network without its forwards: for helper machines (snapshot bakes) that

@@ -37,6 +37,10 @@ class MachineConfig:
     # Guest network (engine/net.py): None or mode "none" means no interface at all. The NIC
     # is part of the machine (and so of snapshots); its forwards are not (see net.py).
     network: Network | None = None
+    # Networked machines: passt runs with this LD_PRELOAD guard and SM_NETGUARD policy
+    # (engine/netguard.py); a networked machine without them is refused (fail closed).
+    netguard: Path | None = None
+    netguard_policy: str = ""
 
 
 class Machine(abc.ABC):

@@ -181,10 +181,19 @@ class Network:
     ports: tuple[PortForward, ...] = ()
     allow_host_loopback: bool = False
     allow_hosts: tuple[str, ...] = field(default=())
+    # Host-side resolvers the guest's queries (sent to DNS) are forwarded to; empty: the
+    # host's own, from /etc/resolv.conf, as passt reads them.
+    dns_servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"unknown network mode {self.mode!r}: use 'user' or 'none'")
+        for server in self.dns_servers:
+            try:
+                if ipaddress.ip_address(server).version != 4:
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"invalid DNS server {server!r}: give an IPv4 address") from None
         if self.mode == "none" and (self.ports or self.allow_hosts or self.allow_host_loopback):
             raise UsageError("network 'none' has no interface: it cannot publish ports or "
                              "allow hosts")
@@ -212,6 +221,8 @@ def passt_command(net: Network, *, passt: str, fd: int) -> list[str]:
            # The guest is configured by sm-init from the kernel command line; no DHCP/NDP
            # chatter, and nothing in the guest can ask passt for more.
            "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra"]
+    for server in net.dns_servers[:3]:
+        cmd += ["--dns", server]  # also what --dns-forward sends queries to
     if not net.allow_host_loopback:
         cmd.append("--no-map-gw")  # the gateway is then an ordinary remote address
     tcp = [f for f in net.ports if f.proto == "tcp"]

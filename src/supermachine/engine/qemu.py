@@ -286,13 +286,19 @@ class QemuMachine(Machine):
         passt runs in its own process (as nobody when started by root), dies with the
         launching thread like QEMU, and quits by itself when QEMU closes the socket.
         """
+        if self.config.netguard is None or not self.config.netguard_policy:
+            raise EngineError("a networked machine needs its network guard; this is a bug")
+        # Only what passt needs: no proxies or locale of ours leak into it.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "LD_PRELOAD": str(self.config.netguard),
+               "SM_NETGUARD": self.config.netguard_policy}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             cmd = net.passt_command(network, passt=passt_binary(), fd=ours.fileno())
-            log.debug("passt command: %s", shlex.join(cmd))
+            log.debug("passt command: SM_NETGUARD=%s %s", env["SM_NETGUARD"], shlex.join(cmd))
             try:
                 self._passt = _spawn(lambda: subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
                     stderr=None if self.config.verbose else subprocess.DEVNULL,
                     pass_fds=[ours.fileno()], preexec_fn=_child_setup))
             except OSError as e:
