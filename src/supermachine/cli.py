@@ -172,9 +172,11 @@ def _add_vm_commands(sub) -> None:
 # ---- commands ---------------------------------------------------------------------------
 
 def _home(args: argparse.Namespace):
+    from pathlib import Path
+
     from .home import Home
 
-    return Home(os.path.abspath(args.home)) if args.home else Home.default()
+    return Home(Path(os.path.abspath(args.home))) if args.home else Home.default()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
