@@ -261,3 +261,11 @@ def test_start_failure_is_reported_and_frees_the_name(cli, home, busybox):
     assert r.returncode == 127
     assert b"no-such-binary" in r.stderr and len(r.stderr.splitlines()) <= 2
     assert not (home / "vms" / "e2e-nobin").exists()
+
+
+def test_boot_error_is_one_line_and_frees_the_name(cli, home, tmp_path):
+    r = cli("run", "-d", "--name", "e2e-badimg", str(tmp_path / "no-such-layout"))
+    assert r.returncode == 125
+    assert b"no-such-layout" in r.stderr and b"Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert not (home / "vms" / "e2e-badimg").exists()
