@@ -269,3 +269,23 @@ def test_boot_error_is_one_line_and_frees_the_name(cli, home, tmp_path):
     assert b"no-such-layout" in r.stderr and b"Traceback" not in r.stderr
     assert len(r.stderr.splitlines()) == 1
     assert not (home / "vms" / "e2e-badimg").exists()
+
+
+def test_vm_dying_mid_exec_is_a_clear_error_not_a_hang(cli, home, busybox):
+    name = "e2e-dying"
+    cli("rm", "-f", name)
+    _ok(cli("run", "-d", "--name", name, str(busybox), "sleep", "1000"))
+    env = {**os.environ, "SUPERMACHINE_HOME": str(home)}
+    client = subprocess.Popen([*CLI, "exec", name, "sh", "-c", "echo ready; sleep 1000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert client.stdout.readline() == b"ready\n"
+        os.kill(_inspect(home, name)["qemu_pid"], signal.SIGKILL)
+        _, err = client.communicate(timeout=20)
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode not in (0, None) and b"stopped" in err and b"Traceback" not in err
+    _wait_for(lambda: _inspect(home, name)["state"]["status"] == "exited", 10, "the exit")
+    assert _inspect(home, name)["error"]
+    _ok(cli("rm", name))
