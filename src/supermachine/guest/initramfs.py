@@ -202,14 +202,14 @@ def load_order(
     builtin: Iterable[str] = (),
     optional: Iterable[str] = (),
 ) -> list[str]:
-    """Module paths to load, dependencies first, for the module names in ``wanted``.
+    """Module paths to load, dependencies first, for the names in ``wanted`` and ``optional``.
 
-    A wanted module that is built into the kernel is skipped; one that is neither a module
-    nor built in is an error unless it is in ``optional``. Dependency cycles are an error.
+    A module built into the kernel is skipped; a wanted one that is neither a module nor
+    built in is an error, an optional one is just left out. Dependency cycles are an error.
     """
     by_name = {module_name(p): p for p in deps}
     builtin_names = {n.replace("-", "_") for n in builtin}
-    optional_names = {n.replace("-", "_") for n in optional}
+    optional_names = [n.replace("-", "_") for n in optional]
     order: list[str] = []
     done: set[str] = set()
 
@@ -231,8 +231,7 @@ def load_order(
         done.add(path)
         order.append(path)
 
-    for raw in wanted:
-        name = raw.replace("-", "_")
+    for name in [n.replace("-", "_") for n in wanted] + optional_names:
         if name in by_name:
             visit(by_name[name], ())
         elif name not in builtin_names and name not in optional_names:

@@ -170,10 +170,14 @@ def select_modules(
             continue
         if len(result) >= _MAX_MODULES:
             raise GuestError("kernel module dependencies are implausibly many; " + _HINT)
-        path = modules_root / rel
-        if path.stat().st_size > _MAX_MODULE:
+        try:
+            with open(modules_root / rel, "rb") as f:
+                elf = f.read(_MAX_MODULE + 1)
+        except OSError as e:
+            raise GuestError(f"cannot read kernel module {rel}: {e.strerror}; {_HINT}") from e
+        if len(elf) > _MAX_MODULE:
             raise GuestError(f"kernel module {rel} is implausibly large; {_HINT}")
-        deps = modinfo_depends(path.read_bytes())
+        deps = modinfo_depends(elf)
         missing = [d for d in deps if d.replace("-", "_") not in by_name]
         if missing:
             raise GuestError(f"module {name} needs {missing[0]}, absent from the package")
@@ -376,6 +380,10 @@ def fetch_kernel(home: Home, package: str = DEFAULT_PACKAGE, *, refresh: bool = 
     with file_lock(home.guest / ".kernel.lock"):
         if not refresh and (k := cached_kernel(home, package)) is not None:
             return k  # another process fetched it while we waited
+        # Under the lock no fetch is in progress, so staging dirs left here were abandoned by
+        # killed processes.
+        for stale in home.guest.glob(".tmp-kernel-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         cand = resolve_package(package)
         final = home.guest / f"kernel-{cand.release}"
         existing = None
@@ -391,6 +399,7 @@ def fetch_kernel(home: Home, package: str = DEFAULT_PACKAGE, *, refresh: bool = 
                 stage = Path(tempfile.mkdtemp(dir=home.guest, prefix=f".tmp-{final.name}-"))
                 try:
                     _assemble(cand, deb, unpacked, stage, final.name)
+                    os.chmod(stage, 0o755)  # mkdtemp made it private; the kernel is not secret
                     os.rename(stage, final)
                 except BaseException:
                     shutil.rmtree(stage, ignore_errors=True)

@@ -120,19 +120,23 @@ def test_cmdline_is_microvm_ready() -> None:
     assert a.host_tsc_khz() >= 100_000  # kHz, not MHz: a MHz figure here hangs the guest
 
 
-def test_real_assets_with_fetched_kernel(tmp_path: Path) -> None:
+def test_real_assets_with_fetched_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = os.environ.get("SUPERMACHINE_HOME") or "/var/tmp/supermachine-test-home"
     home = Home(Path(root))
     kern = fetch_kernel(home)
     init = tmp_path / "sm-init"
     init.write_bytes(b"\x7fELF stand-in init")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # cached kernel: no apt, no tools
     got = a.ensure_guest_assets(home, init=init)
+    monkeypatch.undo()
     assert got.kernel == kern.vmlinuz and got.kernel_version == kern.version
     dest = tmp_path / "x"
     dest.mkdir()
     subprocess.run(["cpio", "-id", "--quiet"], input=got.initrd.read_bytes(), cwd=dest, check=True)
     listed = (dest / "sm/modules").read_text().splitlines()
-    assert "/sm/ko/virtio_mmio.ko" in listed and "/sm/ko/overlay.ko" in listed
+    for name in ("virtio_mmio", "overlay", "squashfs", "fuse", "virtiofs", "virtio_rng"):
+        assert f"/sm/ko/{name}.ko" in listed
+    assert listed.index("/sm/ko/fuse.ko") < listed.index("/sm/ko/virtiofs.ko")
     assert listed.index("/sm/ko/virtio_ring.ko") < listed.index("/sm/ko/virtio_blk.ko")
     for p in listed:
         assert (dest / p.lstrip("/")).read_bytes()[:4] == b"\x7fELF"
