@@ -129,6 +129,9 @@ def test_real_assets_with_fetched_kernel(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # cached kernel: no apt, no tools
     got = a.ensure_guest_assets(home, init=init)
     monkeypatch.undo()
+    # naming the same kernel and modules explicitly gives the very same assets
+    explicit = a.ensure_guest_assets(home, kernel=kern.vmlinuz, modules=kern.modules_dir, init=init)
+    assert explicit == got
     assert got.kernel == kern.vmlinuz and got.kernel_version == kern.version
     dest = tmp_path / "x"
     dest.mkdir()

@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from supermachine.errors import GuestError
 from supermachine.guest import initramfs as ir
 from supermachine.guest import kernel as k
-from supermachine.home import Home
+from supermachine.home import Home, file_lock
 
 
 def fake_bzimage(release: str, payload: bytes = b"") -> bytes:
@@ -190,3 +191,19 @@ def test_real_fetch_and_modules() -> None:
     assert order.index("virtio_ring") < order.index("virtio") < order.index("virtio_mmio")
     assert order.index("failover") < order.index("net_failover") < order.index("virtio_net")
     assert any(p.endswith("/virtiofs.ko") for p in deps)  # optional, but this kernel has it
+
+
+def test_waiter_uses_the_kernel_a_concurrent_fetch_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = Home(tmp_path / "home")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the waiter must not need apt
+    result: list[object] = []
+    with file_lock(home.guest / ".kernel.lock"):  # "another process" is mid-fetch
+        waiter = threading.Thread(target=lambda: result.append(k.fetch_kernel(home)))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # blocked on the lock, not failing for want of apt
+        kdir = write_cached_kernel(home, "6.9.0-raced")
+    waiter.join(10)
+    assert isinstance(result[0], k.Kernel) and result[0].vmlinuz == kdir / "vmlinuz"
