@@ -40,6 +40,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--initrd", metavar="PATH", help="initramfs to use with --kernel")
     p.add_argument("--pull", choices=["always", "missing", "never"], default="missing",
                    help="pull a registry image before running (default: missing)")
+    p.add_argument("--no-snapshot", action="store_true",
+                   help="boot cold instead of restoring the image's automatic snapshot")
     _add_network_options(p)
     _add_registry_options(p)
 
@@ -122,7 +124,60 @@ def build_parser() -> argparse.ArgumentParser:
     logout.add_argument("registry", metavar="REGISTRY")
     logout.set_defaults(func=cmd_logout)
     _add_vm_commands(sub)
+    _add_snapshot_commands(sub)
     return parser
+
+
+def _add_snapshot_commands(sub) -> None:
+    snap = sub.add_parser("snapshot", help="save a running detached VM as a named snapshot",
+                          description="Save VM (as warmed up so far) as snapshot NAME; start "
+                                      "VMs from it with `run snapshot:NAME`.")
+    snap.add_argument("vm", metavar="VM")
+    snap.add_argument("name", metavar="NAME")
+    snap.set_defaults(func=cmd_snapshot)
+
+    snaps = sub.add_parser("snapshots", help="list named snapshots (`snapshots rm NAME` removes)")
+    snaps.add_argument("action", nargs="?", choices=["ls", "rm"], default="ls")
+    snaps.add_argument("names", nargs="*", metavar="NAME")
+    snaps.set_defaults(func=cmd_snapshots)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from . import detached, remote
+    from .snapshot import check_name
+
+    d = detached.find(_home(args), args.vm)
+    remote.request_snapshot(d, check_name(args.name))
+    print(args.name)
+    return 0
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    import time
+
+    from . import snapshot
+    from .images.progress import human_size
+
+    home = _home(args)
+    if args.action == "rm":
+        if not args.names:
+            raise UsageError("snapshots rm: name at least one snapshot")
+        for name in args.names:
+            snapshot.remove_named(home, name)
+            print(name)
+        return 0
+    if args.names:
+        raise UsageError("snapshots: names are only taken by `snapshots rm`")
+    rows = [("NAME", "IMAGE", "MEMORY", "CREATED", "SIZE")]
+    for s in snapshot.list_named(home):
+        on_disk = sum(f.stat().st_blocks * 512 for f in (s.mem, s.state) if f.exists())
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.meta.get("created", 0)))
+        rows.append((s.name, str(s.meta.get("image_source", "?")),
+                     f"{s.inputs.get('memory_mib')}M", created, human_size(on_disk)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
 
 
 def _add_vm_commands(sub) -> None:
@@ -179,10 +234,20 @@ def _home(args: argparse.Namespace):
     return Home(Path(os.path.abspath(args.home))) if args.home else Home.default()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from . import vm as vm_mod
+def _machine(args: argparse.Namespace):
+    """The VM an attached `run` (with or without -t) boots."""
+    from .vm import VM
     from .workload import parse_cpus, parse_memory
 
+    return VM(
+        args.image, memory=parse_memory(args.memory), cpus=parse_cpus(args.cpus),
+        accel=args.accel, kernel=args.kernel, initrd=args.initrd, home=_home(args),
+        verbose=args.verbose or args.debug, on_notice=_notice, pull=args.pull,
+        platform=args.platform, registry_options=_registry_options(args),
+        snapshot=not args.no_snapshot, **_network_kwargs(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     if args.detach:
         return _run_detached(args)
     if args.name:
@@ -191,21 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_tty(args)
     stdin_piped = not os.isatty(0) if _fd_open(0) else False
     forward_stdin = args.interactive or stdin_piped
-    machine = vm_mod.VM(
-        args.image,
-        memory=parse_memory(args.memory),
-        cpus=parse_cpus(args.cpus),
-        accel=args.accel,
-        kernel=args.kernel,
-        initrd=args.initrd,
-        home=_home(args),
-        verbose=args.verbose or args.debug,
-        on_notice=_notice,
-        pull=args.pull,
-        platform=args.platform,
-        registry_options=_registry_options(args),
-        **_network_kwargs(args),
-    )
+    machine = _machine(args)
     with machine:
         return machine.run_workload(
             cmd=args.cmd or None,
@@ -228,7 +279,7 @@ def _vm_options(args: argparse.Namespace) -> dict[str, object]:
         "accel": args.accel, "kernel": _abspath(args.kernel), "initrd": _abspath(args.initrd),
         "pull": args.pull, "platform": args.platform,
         "insecure": list(args.insecure_registry), "ca_file": _abspath(args.ca_file),
-        "verbose": args.verbose or args.debug,
+        "verbose": args.verbose or args.debug, "snapshot": not args.no_snapshot,
         "entrypoint": args.entrypoint, "cmd": list(args.cmd), "env": _expand_env(args.env),
         "workdir": args.workdir, "user": args.user, "stdin": args.interactive, "tty": args.tty,
         "vm_kwargs": _network_kwargs(args),
@@ -290,15 +341,10 @@ def _image_arg(image: str) -> str:
 def _run_tty(args: argparse.Namespace) -> int:
     """Attached `run -t`: the workload on a guest terminal, this terminal in raw mode."""
     from . import terminal
-    from . import vm as vm_mod
     from .workload import resolve
 
     terminal.require_tty(0)
-    machine = vm_mod.VM(
-        args.image, memory=args.memory, cpus=args.cpus, accel=args.accel, kernel=args.kernel,
-        initrd=args.initrd, home=_home(args), verbose=args.verbose or args.debug,
-        on_notice=_notice, pull=args.pull, platform=args.platform,
-        registry_options=_registry_options(args), **_network_kwargs(args))
+    machine = _machine(args)
     with machine:
         cfg = machine.image.config
         work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,

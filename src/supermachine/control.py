@@ -159,7 +159,12 @@ class StopRequest:
     timeout: float = 10.0
 
 
-Request = ExecRequest | ReadRequest | WriteRequest | StopRequest
+@dataclass(frozen=True)
+class SnapshotRequest:
+    name: str
+
+
+Request = ExecRequest | ReadRequest | WriteRequest | StopRequest | SnapshotRequest
 
 
 def encode_request(req: Request) -> bytes:
@@ -172,6 +177,8 @@ def encode_request(req: Request) -> bytes:
         obj = {"op": "read", "path": req.path}
     elif isinstance(req, WriteRequest):
         obj = {"op": "write", "path": req.path, "mode": req.mode}
+    elif isinstance(req, SnapshotRequest):
+        obj = {"op": "snapshot", "name": req.name}
     else:
         obj = {"op": "stop", "timeout": req.timeout}
     return encode_json(Kind.REQUEST, obj)
@@ -212,6 +219,11 @@ def parse_request(frame: Frame) -> Request:
                 not 0 <= timeout <= 86400:
             raise ControlError("stop request has a malformed timeout")
         return StopRequest(float(timeout))
+    if op == "snapshot":
+        name = obj.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= 128:
+            raise ControlError("snapshot request has a malformed name")
+        return SnapshotRequest(name)
     raise ControlError(f"unknown request {op!r}")
 
 

@@ -25,6 +25,7 @@ from .control import (
     Frame,
     Kind,
     ReadRequest,
+    SnapshotRequest,
     StopRequest,
     WriteRequest,
     encode,
@@ -235,6 +236,16 @@ def request_stop(d: VMDir, timeout: float) -> None:
         conn.send(encode_request(StopRequest(timeout)))
         with contextlib.suppress(OSError, VMError):
             _finish(conn, "stop")
+    finally:
+        conn.close()
+
+
+def request_snapshot(d: VMDir, name: str) -> None:
+    """Have the supervisor save its running VM as snapshot ``name`` (waits until saved)."""
+    conn = connect(d)
+    try:
+        conn.send(encode_request(SnapshotRequest(name)))
+        _finish(conn, "snapshot")
     finally:
         conn.close()
 

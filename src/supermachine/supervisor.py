@@ -35,6 +35,7 @@ from .control import (
     ExecRequest,
     Kind,
     ReadRequest,
+    SnapshotRequest,
     StopRequest,
     WriteRequest,
     encode_data,
@@ -200,6 +201,7 @@ class Supervisor:
                      registry_options={"insecure_registries": tuple(o.get("insecure", ())),
                                        "ca_file": o.get("ca_file")},
                      on_notice=lambda m: log.info("%s", m),
+                     snapshot=bool(o.get("snapshot", True)),
                      hostname=self._record.name[:64],  # docker names the host too
                      **{k: v for k, v in dict(o.get("vm_kwargs") or {}).items()
                         if k in NETWORK_KWARGS})
@@ -365,6 +367,9 @@ class Supervisor:
             elif isinstance(req, StopRequest):
                 self._stop(req.timeout)
                 conn.send(_exit_frame(0))
+            elif isinstance(req, SnapshotRequest):
+                self.vm.snapshot(req.name)
+                conn.send(_exit_frame(0))
         except (OSError, ControlError) as e:
             log.debug("connection ended: %s", e)
         except Error as e:
@@ -395,7 +400,7 @@ class Supervisor:
                 return len(data)
 
         try:
-            self.vm._agent().read_file_to(req.path, Sink())  # streaming: VM has no public one
+            self.vm.read_file_to(req.path, Sink())
         except GuestFileError as e:
             conn.send(_exit_frame(1, str(e), e.errno))
             return
@@ -405,7 +410,7 @@ class Supervisor:
         from .agent.client import GuestFileError
 
         try:
-            self.vm._agent().write_file_from(req.path, _ClientInput(conn), mode=req.mode)
+            self.vm.write_file_from(req.path, _ClientInput(conn), mode=req.mode)
         except GuestFileError as e:
             conn.send(_exit_frame(1, str(e), e.errno))
             return

@@ -398,6 +398,15 @@ class VM:
                    user: str | None = None) -> None:
         self._agent().write_file(path, data, mode=mode, user=user)
 
+    def read_file_to(self, path: str, fileobj, *, max_size: int | None = None) -> int:
+        """Stream a VM file into ``fileobj`` (anything with write()); returns the byte count."""
+        return self._agent().read_file_to(path, fileobj, max_size=max_size)
+
+    def write_file_from(self, path: str, fileobj, *, mode: int = 0o644,
+                        user: str | None = None) -> None:
+        """Create/replace a VM file with what ``fileobj.read()`` yields until it returns b""."""
+        self._agent().write_file_from(path, fileobj, mode=mode, user=user)
+
     def copy_in(self, src: str | os.PathLike[str], dst: str) -> None:
         """Copy a host file into the VM (mode preserved)."""
         with open(src, "rb") as f:

@@ -150,3 +150,30 @@ def test_killed_host_process_leaves_no_vm(busybox, snap_home):
     while qemu_pids() & vms and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not qemu_pids() & vms
+
+
+def test_cli_snapshot_of_a_detached_vm(cli, busybox):
+    name = f"snapsrc-{os.getpid()}"
+    r = cli("run", "-d", "--name", name, str(busybox), "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert cli("exec", name, "sh", "-c", "echo warmed > /tmp/w").returncode == 0
+        r = cli("snapshot", name, f"{name}-snap")
+        assert r.returncode == 0, r.stderr
+        listing = cli("snapshots").stdout.decode()
+        assert f"{name}-snap" in listing and "256M" not in listing.split(f"{name}-snap")[0]
+        r = cli("run", f"snapshot:{name}-snap", "cat", "/tmp/w")
+        assert (r.returncode, r.stdout) == (0, b"warmed\n"), r.stderr
+        assert cli("snapshots", "rm", f"{name}-snap").returncode == 0
+        r = cli("run", f"snapshot:{name}-snap", "true")
+        assert r.returncode != 0 and b"no snapshot named" in r.stderr
+    finally:
+        cli("rm", "-f", name)
+
+
+def test_cli_no_snapshot_flag_boots_cold(cli, busybox, home):
+    before = auto_snapshots(home)
+    r = cli("--debug", "run", "--no-snapshot", "--memory", "200M", str(busybox), "echo", "cold")
+    assert (r.returncode, r.stdout) == (0, b"cold\n"), r.stderr
+    assert b"booted in" in r.stderr
+    assert auto_snapshots(home) == before  # nothing baked for the 200M configuration

@@ -275,7 +275,6 @@ class QemuMachine(Machine):
         self.agent = agent_host
         self._console = _Console(con_host, echo=config.verbose)
         self._qmp = QMPClient(qmp_host)
-        self._qmp_ready = False
         self._closed = False
         if state_fd is not None:
             self._start_incoming(state_fd)
@@ -337,9 +336,7 @@ class QemuMachine(Machine):
         return self._proc.pid
 
     def _control(self) -> QMPClient:
-        if not self._qmp_ready:
-            self._qmp.handshake()
-            self._qmp_ready = True
+        self._qmp.handshake()
         return self._qmp
 
     def wait(self, timeout: float | None = None) -> int | None:

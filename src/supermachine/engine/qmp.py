@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -23,6 +24,10 @@ class QMPClient:
         self._sock = sock
         self._buf = b""
         self.events: list[dict[str, Any]] = []
+        # One command in flight at a time: replies carry no id, so callers on different
+        # threads (a snapshot, a port forward) must not interleave.
+        self._lock = threading.RLock()
+        self._negotiated = False
 
     def _read_message(self, deadline: float) -> dict[str, Any]:
         while b"\n" not in self._buf:
@@ -51,14 +56,24 @@ class QMPClient:
         return msg
 
     def handshake(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        greeting = self._read_message(deadline)
-        if "QMP" not in greeting:
-            raise EngineError("QEMU's control socket did not greet with QMP")
-        self.execute("qmp_capabilities", timeout=timeout)
+        """Read the greeting and negotiate; later calls return at once."""
+        with self._lock:
+            if self._negotiated:
+                return
+            deadline = time.monotonic() + timeout
+            greeting = self._read_message(deadline)
+            if "QMP" not in greeting:
+                raise EngineError("QEMU's control socket did not greet with QMP")
+            self._execute("qmp_capabilities", None, timeout)
+            self._negotiated = True
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
                 timeout: float = 30.0) -> Any:
+        with self._lock:
+            return self._execute(command, arguments, timeout)
+
+    def _execute(self, command: str, arguments: dict[str, Any] | None,
+                 timeout: float) -> Any:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
@@ -82,6 +97,11 @@ class QMPClient:
     def send_fd(self, command: str, arguments: dict[str, Any], fd: int,
                 timeout: float = 30.0) -> Any:
         """Run ``command`` with ``fd`` attached (SCM_RIGHTS), as ``getfd`` and ``add-fd`` need."""
+        with self._lock:
+            return self._send_fd(command, arguments, fd, timeout)
+
+    def _send_fd(self, command: str, arguments: dict[str, Any], fd: int,
+                 timeout: float) -> Any:
         msg = json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n"
         try:
             socket.send_fds(self._sock, [msg], [fd])
