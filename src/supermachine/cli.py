@@ -60,8 +60,6 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
                         "resolved here at start); default: anywhere but this host")
     p.add_argument("--allow-host-loopback", action="store_true",
                    help="let the guest reach this host's 127.0.0.1 services at 10.0.2.2")
-    p.add_argument("--dns", action="append", default=[], metavar="IP",
-                   help="resolver the guest's DNS queries go to (default: this host's)")
 
 
 def _add_registry_options(p: argparse.ArgumentParser) -> None:
@@ -294,7 +292,7 @@ def _network_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """
     return {"network": args.network, "ports": list(args.publish),
             "publish_all": args.publish_all, "allow_hosts": list(args.allow_host),
-            "allow_host_loopback": args.allow_host_loopback, "dns": list(args.dns)}
+            "allow_host_loopback": args.allow_host_loopback}
 
 
 def _abspath(path: str | None) -> str | None:

@@ -57,7 +57,7 @@ STOP_KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the workload before
 SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace period
 # VM keyword arguments `run` may pass through state.json (cli._network_kwargs)
 NETWORK_KWARGS = frozenset({"network", "ports", "publish_all", "allow_hosts",
-                            "allow_host_loopback", "dns"})
+                            "allow_host_loopback"})
 
 
 # ---- CLI side ---------------------------------------------------------------------------

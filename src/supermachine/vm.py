@@ -73,7 +73,6 @@ class VM:
         publish_all: bool = False,
         allow_hosts: Sequence[str] = (),
         allow_host_loopback: bool = False,
-        dns: Sequence[str] = (),
     ) -> None:
         self._image_ref = os.fspath(image)
         self.memory_mib = parse_memory(memory)
@@ -101,7 +100,7 @@ class VM:
         for item in allow_hosts:
             net.parse_allow_host(item)
         self._network = net.Network(mode=network, allow_host_loopback=allow_host_loopback,
-                                    allow_hosts=tuple(allow_hosts), dns_servers=tuple(dns))
+                                    allow_hosts=tuple(allow_hosts))
         if publish_all and not self._network.enabled:
             raise UsageError("network 'none' has no interface: it cannot publish ports")
         #: published ports, host side resolved (no 0 ports) once the VM runs

@@ -34,9 +34,7 @@ PROTOS = ("tcp", "udp")
 MAX_PORTS = 1024  # forwards per VM: passt handles ranges, but we list each one
 MAX_SPEC = 128  # characters of one -p spec
 
-_SPEC_RE = re.compile(
-    r"(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?:(?P<host>[0-9]{1,5}):)?(?P<guest>[0-9]{1,5})"
-    r"(?:/(?P<proto>[a-zA-Z]+))?\Z")
+_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 
 
 @dataclass(frozen=True, order=True)
@@ -58,6 +56,9 @@ class PortForward:
 
 
 def _port(text: str, what: str, spec: str, allow_zero: bool) -> int:
+    if not _PORT_RE.match(text):
+        raise UsageError(f"invalid {what} {text!r} in port spec {spec!r}: expected "
+                         "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp], e.g. 8080:80")
     value = int(text)
     if not (0 if allow_zero else 1) <= value <= 65535:
         raise UsageError(f"invalid {what} {text} in port spec {spec!r}: use 1-65535")
@@ -67,26 +68,26 @@ def _port(text: str, what: str, spec: str, allow_zero: bool) -> int:
 def parse_port_spec(spec: str) -> PortForward:
     """``[HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|udp]`` as docker's ``-p`` takes it.
 
-    A missing or empty host port means "any free port" (0 here, chosen at launch).
+    A missing, empty or 0 host port means "any free port" (0 here, chosen at launch).
     """
-    if not isinstance(spec, str) or len(spec) > MAX_SPEC:
+    if not isinstance(spec, str) or not spec or len(spec) > MAX_SPEC:
         raise UsageError(f"invalid port spec {str(spec)[:40]!r}: expected "
                          "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]")
-    # docker accepts "IP::GUEST" for an ephemeral host port on IP
-    m = _SPEC_RE.match(spec.replace("::", ":0:", 1) if spec.count("::") == 1
-                       and not spec.startswith("[") else spec)
-    if not m:
+    body, slash, proto = spec.partition("/")
+    proto = proto.lower() if slash else "tcp"
+    if proto not in PROTOS:
+        raise UsageError(f"invalid protocol {proto!r} in port spec {spec!r}: use tcp or udp")
+    if body.startswith("["):
+        raise UsageError(f"IPv6 host address in {spec!r} is not supported; use an IPv4 one")
+    parts = body.split(":")
+    if len(parts) > 3:
         raise UsageError(f"invalid port spec {spec!r}: expected "
                          "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp], e.g. 8080:80")
-    proto = (m["proto"] or "tcp").lower()
-    if proto not in PROTOS:
-        raise UsageError(f"invalid protocol {m['proto']!r} in port spec {spec!r}: use tcp or udp")
-    host_ip = "127.0.0.1"
-    if m["ip"]:
-        host_ip = _host_ip(m["ip"].strip("[]"), spec)
-    host_port = _port(m["host"], "host port", spec, True) if m["host"] else 0
-    return PortForward(guest_port=_port(m["guest"], "guest port", spec, False),
-                       host_port=host_port, proto=proto, host_ip=host_ip)
+    guest = _port(parts[-1], "guest port", spec, False)
+    host = parts[-2] if len(parts) >= 2 else ""
+    host_port = _port(host, "host port", spec, True) if host else 0
+    host_ip = _host_ip(parts[0], spec) if len(parts) == 3 else "127.0.0.1"
+    return PortForward(guest_port=guest, host_port=host_port, proto=proto, host_ip=host_ip)
 
 
 def _host_ip(text: str, spec: str) -> str:
@@ -181,19 +182,10 @@ class Network:
     ports: tuple[PortForward, ...] = ()
     allow_host_loopback: bool = False
     allow_hosts: tuple[str, ...] = field(default=())
-    # Host-side resolvers the guest's queries (sent to DNS) are forwarded to; empty: the
-    # host's own, from /etc/resolv.conf, as passt reads them.
-    dns_servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"unknown network mode {self.mode!r}: use 'user' or 'none'")
-        for server in self.dns_servers:
-            try:
-                if ipaddress.ip_address(server).version != 4:
-                    raise ValueError
-            except ValueError:
-                raise UsageError(f"invalid DNS server {server!r}: give an IPv4 address") from None
         if self.mode == "none" and (self.ports or self.allow_hosts or self.allow_host_loopback):
             raise UsageError("network 'none' has no interface: it cannot publish ports or "
                              "allow hosts")
@@ -217,12 +209,12 @@ def passt_command(net: Network, *, passt: str, fd: int) -> list[str]:
     """
     cmd = [passt, "--foreground", "--quiet", "--one-off", "--fd", str(fd), "--ipv4-only",
            "--address", GUEST_ADDR, "--netmask", str(GUEST_PREFIX), "--gateway", GATEWAY,
+           # Queries to DNS go to the host's resolvers (from its /etc/resolv.conf). passt
+           # in Debian 12 stops forwarding when also given --dns, so there is no override.
            "--dns-forward", DNS,
            # The guest is configured by sm-init from the kernel command line; no DHCP/NDP
            # chatter, and nothing in the guest can ask passt for more.
            "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra"]
-    for server in net.dns_servers[:3]:
-        cmd += ["--dns", server]  # also what --dns-forward sends queries to
     if not net.allow_host_loopback:
         cmd.append("--no-map-gw")  # the gateway is then an ordinary remote address
     tcp = [f for f in net.ports if f.proto == "tcp"]

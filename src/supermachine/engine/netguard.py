@@ -91,9 +91,7 @@ def resolve_allow(items: tuple[str, ...]) -> list[str]:
 
 def policy(network: Network, nameservers: list[str] | None = None) -> str:
     """The SM_NETGUARD value for ``network`` (format in netguard.c)."""
-    if nameservers is None:
-        nameservers = list(network.dns_servers) or host_nameservers()
-    dns = nameservers
+    dns = host_nameservers() if nameservers is None else nameservers
     allow = "*" if not network.allow_hosts else ",".join(resolve_allow(network.allow_hosts))
     if not allow:
         allow = "255.255.255.255/32"  # nothing resolvable: allow no real destination
