@@ -135,6 +135,7 @@ class VM:
         return self
 
     def _boot(self, stack: contextlib.ExitStack) -> None:
+        from .engine import net
         from .engine.accel import choose
         from .engine.base import MachineConfig
         from .engine.qemu import QemuEngine
@@ -169,7 +170,8 @@ class VM:
             "engine": self._engine.version(),
             # The NIC is a device of the saved machine; forwards and allow-lists are not
             # (each launch starts its own passt), so restored VMs can publish any ports.
-            "network": self._network.mode,
+            "network": [self._network.mode,
+                        *net.guest_cmdline(self._network)],
         }
         self._snapshot_inputs = inputs
         t1 = time.monotonic()

@@ -5,7 +5,7 @@
  *   sm.root=PATH          root block device (default /dev/vda)
  *   sm.rootfstype=TYPE    its filesystem (default squashfs; erofs works the same way)
  *   sm.port=NAME          virtio-serial port name of the agent channel (default sm.agent)
- *   sm.net=ADDR/PREFIX,GW,DNS  configure eth0 statically (no DHCP client needed in the image)
+ *   sm.net=ADDR/PREFIX,GW,DNS[,MTU]  configure eth0 statically (no DHCP client needed)
  *                         and write /etc/resolv.conf; absent: eth0 is left alone (none mode
  *                         has no NIC at all)
  *
@@ -268,17 +268,26 @@ static int set_addr(int s, unsigned long req, const char *ifname, struct in_addr
 	return ioctl(s, req, &ifr);
 }
 
-/* Parses "ADDR/PREFIX,GW,DNS" (all IPv4). */
+/* Parses "ADDR/PREFIX,GW,DNS[,MTU]" (all IPv4; MTU 0 when absent). */
 static bool parse_net(const char *spec, struct in_addr *addr, int *prefix, struct in_addr *gw,
-		      struct in_addr *dns)
+		      struct in_addr *dns, int *mtu)
 {
 	char buf[96];
 	snprintf(buf, sizeof(buf), "%s", spec);
 	char *slash = strchr(buf, '/'), *c1 = strchr(buf, ','), *c2 = c1 ? strchr(c1 + 1, ',') : 0;
 	if (!slash || !c1 || !c2 || slash > c1)
 		return false;
+	char *c3 = strchr(c2 + 1, ',');
 	*slash = *c1 = *c2 = 0;
 	char *end;
+	*mtu = 0;
+	if (c3) {
+		*c3 = 0;
+		long m = strtol(c3 + 1, &end, 10);
+		if (*end || m < 68 || m > 65535)
+			return false;
+		*mtu = (int)m;
+	}
 	long p = strtol(slash + 1, &end, 10);
 	if (*end || p < 1 || p > 32)
 		return false;
@@ -308,9 +317,9 @@ static void write_resolv(struct in_addr dns, bool debug)
 static void network_up(const char *spec, bool debug)
 {
 	struct in_addr addr, gw, dns;
-	int prefix;
-	if (!parse_net(spec, &addr, &prefix, &gw, &dns)) {
-		dprintf(2, "sm-init: bad sm.net=%s (want ADDR/PREFIX,GW,DNS)\n", spec);
+	int prefix, mtu;
+	if (!parse_net(spec, &addr, &prefix, &gw, &dns, &mtu)) {
+		dprintf(2, "sm-init: bad sm.net=%s (want ADDR/PREFIX,GW,DNS[,MTU])\n", spec);
 		return;
 	}
 	/* virtio_net was loaded with the other modules; its interface shows up shortly after. */
@@ -332,6 +341,10 @@ static void network_up(const char *spec, bool debug)
 		goto fail;
 	step = "netmask";
 	if (set_addr(s, SIOCSIFNETMASK, "eth0", mask) < 0)
+		goto fail;
+	step = "mtu";
+	ifr.ifr_mtu = mtu;
+	if (mtu && ioctl(s, SIOCSIFMTU, &ifr) < 0)
 		goto fail;
 	step = "up";
 	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0 || (ifr.ifr_flags |= IFF_UP | IFF_RUNNING,
