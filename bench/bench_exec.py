@@ -10,7 +10,8 @@ home; the boot itself is not timed):
   status). Not ``head -c``: busybox head copies in small blocks and under TCG it alone
   manages only ~7 MB/s inside the guest (writing to /dev/null), which would measure head.
 * guest diagnostics (VM only), to read the ratios: the agent's PING round trip (the channel
-  without any process), the guest's cost of running /bin/true from a shell (a loop of 20
+  without any process), one exec split at the guest's STARTED report (sent once execve has
+  succeeded), the guest's cost of running /bin/true from a shell (a loop of 20
   minus an empty loop, divided by 20; a lower bound on fork+exec, as busybox ash can run its
   own applets without exec), dd's rate to /dev/null inside the guest (the
   producer's own limit) and through a pipe to cat inside the guest (every byte a workload
@@ -104,10 +105,23 @@ def guest_diagnostics(vm: Any, nbytes: int) -> dict[str, float]:
     # Every byte a workload prints crosses a pipe to sm-init first: the guest's own pipe
     # throughput (kernel copies, emulated under TCG) bounds the stream.
     piped = timed_sh(f"{dd} 2>/dev/null | cat > /dev/null") - empty
+    # Split of one exec at the guest's STARTED report (sent once execve has succeeded).
+    to_started, to_exit = [], []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        with vm.spawn(["true"]) as proc:
+            while proc.pid is None and proc.exit_status is None:
+                time.sleep(0.0002)
+            t1 = time.perf_counter()
+            proc.wait()
+        to_started.append(t1 - t0)
+        to_exit.append(time.perf_counter() - t1)
     # `true` goes through a PATH search (execve fails in /usr/local/sbin ... /sbin first).
     abs_true = exec_latencies(lambda: vm.exec(["/bin/true"]).exit_code, 50)
     return {"agent_ping_rtt_median": summary(pings)["median"],
             "exec_abs_true_median": summary(abs_true)["median"],
+            "spawn_to_started_median": summary(to_started)["median"],
+            "started_to_exit_median": summary(to_exit)["median"],
             "guest_fork_exec_true": (twenty - empty) / 20,
             "guest_dd_to_devnull_mb_s": nbytes / 1e6 / devnull,
             "guest_dd_pipe_cat_mb_s": nbytes / 1e6 / piped}
@@ -258,6 +272,9 @@ def main() -> int:
         "host process", ["measure", "VM", "host baseline", "VM/baseline"], rows)
     common.print_table("inside the VM (diagnostics)", ["measure", "value"], [
         ["agent PING round trip (median of 50)", fmt_s(diag["agent_ping_rtt_median"])],
+        ["spawn(['true']) to STARTED (fork, execve done; p50 of 30)",
+         fmt_s(diag["spawn_to_started_median"])],
+        ["STARTED to exit status (p50 of 30)", fmt_s(diag["started_to_exit_median"])],
         ["vm.exec(['/bin/true']) p50 (no PATH search, 50 calls)",
          fmt_s(diag["exec_abs_true_median"])],
         ["guest sh loop of /bin/true, per run (busybox ash may skip the exec)",
