@@ -224,23 +224,30 @@ class VM:
 
     def expose(self, guest_port: int, host_port: int = 0, proto: str = "tcp",
                host_ip: str = "127.0.0.1") -> int:
-        """Publish ``guest_port`` on the host before the VM starts; returns the host port
-        once known (0 until `start()` picks a free one when ``host_port`` is 0).
+        """Publish ``guest_port`` on ``host_ip:host_port`` (0: any free port); returns the host
+        port, or 0 before `start()` when it is to be picked then (see `ports`).
 
-        passt takes its forwards when it starts, so a running VM cannot gain ports: give
-        them before `start()` (or as ``ports=``).
+        On a running VM this restarts its passt (which takes forwards only when it starts):
+        connections through the VM's network that are open at that moment are cut.
         """
         from .engine import net
 
-        if self._stack is not None:
-            raise VMError("ports can only be published before the VM starts; pass ports= "
-                          "or call expose() before start()")
         if not self._network.enabled:
             raise UsageError("network 'none' has no interface: it cannot publish ports")
-        spec = f"{host_ip}:{host_port}:{guest_port}/{proto}"
-        self._forwards = list(net.check_forwards([*self._forwards,
-                                                  net.parse_port_spec(spec)]))
-        return host_port
+        forward = net.parse_port_spec(f"{host_ip}:{host_port}:{guest_port}/{proto}")
+        if self._stack is None:
+            self._forwards = list(net.check_forwards([*self._forwards, forward]))
+            return host_port
+        machine = self._machine
+        if machine is None or not self.running:
+            raise VMError("the VM is not running")
+        from .engine.qemu import claim_host_ports
+
+        (claimed,) = claim_host_ports((forward,))
+        ports = net.check_forwards([*self.ports, claimed])
+        machine.set_forwards(ports)
+        self.ports = ports
+        return claimed.host_port
 
     def _auto_snapshot(self, inputs: dict) -> snapshot_mod.Snapshot | None:
         """The automatic snapshot for this VM's configuration, baked by a first boot."""

@@ -157,6 +157,15 @@ def test_cold_booted_vm_network_and_published_port(home, busybox):
         start_httpd(vm)
         assert wait_fetch(fwd.host_port, "/index.html") == b"guest-page\n"
 
+        # A port published on the running VM; the first one keeps working.
+        assert vm.exec(["httpd", "-p", "81", "-h", "/www"], timeout=60).ok
+        port = vm.expose(81)
+        assert port > 0 and [f.guest_port for f in vm.ports] == [80, 81]
+        assert wait_fetch(port, "/index.html") == b"guest-page\n"
+        assert wait_fetch(fwd.host_port, "/index.html") == b"guest-page\n"
+        with pytest.raises(EngineError, match="already in use"):
+            vm.expose(82, host_port=port)
+
 
 def test_restored_vm_publishes_ports_and_is_kept_off_host_loopback(home, python_image):
     # The first VM of a configuration bakes its snapshot, then restores from it too.

@@ -2,9 +2,11 @@
 
 The machine gets no files of its own: every channel is a socketpair end passed as an fd
 (agent port, QMP, console), so nothing is left on disk if we die, and there is no race
-between QEMU creating a socket and us connecting to it. QEMU runs in its own process group
-(the terminal's Ctrl-C reaches us, not it) with PR_SET_PDEATHSIG=SIGKILL, so it dies with the
-thread that launched it even when this process is SIGKILLed.
+between QEMU creating a socket and us connecting to it. The one exception is the network's
+socket (see `QemuMachine._net_listener`), in a private directory removed with the machine.
+QEMU runs in its own process group (the terminal's Ctrl-C reaches us, not it) with
+PR_SET_PDEATHSIG=SIGKILL, so it dies with the thread that launched it even when this process
+is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
                   net_fd: int | None = None) -> list[str]:
     """The QEMU command line for ``config`` (pure: unit-tested without starting anything).
 
-    ``net_fd``: QEMU's end of the stream socket to this VM's passt (networked configs).
+    ``net_fd``: a listening unix socket QEMU accepts this VM's passt on (networked configs);
+    QEMU listens again when passt goes, which is how forwards change at run time.
     """
     machine = ["microvm", "x-option-roms=off", "isa-serial=on", "rtc=on", "pit=off", "pic=off"]
     mem = f"{config.memory_mib}M"
@@ -95,7 +98,7 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
             raise ValueError("a networked machine needs its passt socket's fd")
         # The same MAC everywhere: each VM has a network of its own, and a snapshot's guest
         # keeps the MAC it booted with.
-        cmd += ["-netdev", f"stream,id=net0,addr.type=fd,addr.str={net_fd}",
+        cmd += ["-netdev", f"stream,id=net0,server=on,addr.type=fd,addr.str={net_fd}",
                 "-device", f"virtio-net-device,netdev=net0,mac={net.GUEST_MAC}"]
     if config.memory_file is not None:
         share = "on" if config.memory_shared else "off"
@@ -241,12 +244,14 @@ class QemuMachine(Machine):
         state_fd = None
         state_file = None
         self._passt: subprocess.Popen | None = None
+        self._net_dir: str | None = None
+        self.network = config.network
         try:
             net_fd = None
             if config.network is not None and config.network.enabled:
-                net_qemu = self._start_passt(config.network)
-                passed.append(net_qemu)
-                net_fd = net_qemu.fileno()
+                listener = self._net_listener()
+                passed.append(listener)
+                net_fd = listener.fileno()
             if config.incoming_state is not None:
                 state_file = open(config.incoming_state, "rb")  # noqa: SIM115 (closed below)
                 state_fd = state_file.fileno()
@@ -262,10 +267,17 @@ class QemuMachine(Machine):
                 ))
             except OSError as e:
                 raise EngineError(f"cannot start {qemu}: {e.strerror}") from e
+            if net_fd is not None:
+                self._start_passt(config.network)
         except BaseException:
             for s in (agent_host, qmp_host, con_host):
                 s.close()
             self._stop_passt()
+            if getattr(self, "_proc", None) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+            self._remove_net_dir()
             raise
         finally:
             for s in passed:
@@ -279,8 +291,58 @@ class QemuMachine(Machine):
         if state_fd is not None:
             self._start_incoming(state_fd)
 
-    def _start_passt(self, network: net.Network) -> socket.socket:
-        """Start this VM's passt on one end of a socketpair; returns QEMU's end.
+    def _net_listener(self) -> socket.socket:
+        """The socket QEMU accepts passt on, bound in a private (0700) directory: only this
+        user can connect a network to the VM. Our copy is closed once QEMU holds it."""
+        import tempfile
+
+        self._net_dir = tempfile.mkdtemp(prefix="supermachine-net-")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(os.path.join(self._net_dir, "sock"))
+            listener.listen(1)
+        except OSError:
+            listener.close()
+            raise
+        return listener
+
+    def _remove_net_dir(self) -> None:
+        path, self._net_dir = self._net_dir, None
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def set_forwards(self, forwards: tuple[net.PortForward, ...]) -> None:
+        """Publish exactly ``forwards`` (host ports resolved) from now on.
+
+        passt takes its forwards at start, so this starts a new passt and QEMU accepts it
+        once the old one is gone: connections through the VM's network (published or
+        outbound) that are open now are cut, and the guest is offline for a moment.
+        """
+        import dataclasses
+
+        if self.network is None or not self.network.enabled or self._net_dir is None:
+            raise EngineError("this VM has no network; start it with network='user'")
+        network = dataclasses.replace(self.network, ports=net.check_forwards(forwards))
+        # Queue our connection before the old passt goes, so nothing else is ever next in
+        # line for QEMU's accept; the new passt starts once the old one released its ports.
+        conn = self._net_connect()
+        self._stop_passt()
+        self._start_passt(network, conn)
+        self.network = network
+
+    def _net_connect(self) -> socket.socket:
+        """A connection to QEMU's network socket, queued until QEMU accepts it."""
+        assert self._net_dir is not None
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(os.path.join(self._net_dir, "sock"))
+        except OSError as e:
+            conn.close()
+            raise EngineError(f"cannot connect the VM's network: {e.strerror}") from e
+        return conn
+
+    def _start_passt(self, network: net.Network, conn: socket.socket | None = None) -> None:
+        """Start this VM's passt, connected to QEMU's network socket.
 
         passt runs in its own process (as nobody when started by root), dies with the
         launching thread like QEMU, and quits by itself when QEMU closes the socket.
@@ -291,7 +353,7 @@ class QemuMachine(Machine):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                "LD_PRELOAD": str(self.config.netguard),
                "SM_NETGUARD": self.config.netguard_policy}
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours = conn if conn is not None else self._net_connect()
         try:
             cmd = net.passt_command(network, passt=passt_binary(), fd=ours.fileno())
             log.debug("passt command: SM_NETGUARD=%s %s", env["SM_NETGUARD"], shlex.join(cmd))
@@ -302,12 +364,8 @@ class QemuMachine(Machine):
                     pass_fds=[ours.fileno()], preexec_fn=_child_setup))
             except OSError as e:
                 raise EngineError(f"cannot start passt: {e.strerror}") from e
-        except BaseException:
-            theirs.close()
-            raise
         finally:
             ours.close()
-        return theirs
 
     def _stop_passt(self) -> None:
         proc, self._passt = self._passt, None
@@ -405,6 +463,7 @@ class QemuMachine(Machine):
                 pass
         self._proc.wait()
         self._stop_passt()
+        self._remove_net_dir()
         for closer in (self.agent.close, self._qmp.close, self._console.close):
             try:
                 closer()

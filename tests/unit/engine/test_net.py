@@ -190,7 +190,7 @@ def config(**kw) -> MachineConfig:
 def test_qemu_command_with_network():
     cmd = build_command(config(network=Network()), qemu="qemu", agent_fd=5, qmp_fd=6,
                         console_fd=7, net_fd=11)
-    assert values(cmd, "-netdev") == ["stream,id=net0,addr.type=fd,addr.str=11"]
+    assert values(cmd, "-netdev") == ["stream,id=net0,server=on,addr.type=fd,addr.str=11"]
     assert f"virtio-net-device,netdev=net0,mac={net.GUEST_MAC}" in values(cmd, "-device")
     assert values(cmd, "-append") == [
         "console=ttyS0 sm.net=10.0.2.15/24,10.0.2.2,10.0.2.3,65520"]
