@@ -9,12 +9,14 @@ header prints it):
     (what every run after the first does);
   - cli first run: the same with the snapshot removed first (boot, bake the snapshot,
     restore it);
-  - api boot: a python process running ``VM(image, snapshot=False)`` + ``run_workload``
-    (the cold boot path; the CLI has no switch to turn the snapshot off).
-* floor: the same qemu binary with our engine's command line (`build_command`) minus the
-  agent channel (virtio-serial device, its port and chardev), the same kernel, command line
-  and root disk, booting the same initramfs except that /init is a tiny static program that
-  prints a marker on the console and calls reboot(RB_POWER_OFF). Popen to reaped exit.
+  - cli boot: `supermachine run --no-snapshot IMAGE true` (cold boot, default network:
+    a passt process and a NIC);
+  - cli boot, no network: the same with `--network none`, the floor's set of devices.
+* floor: the same qemu binary with our engine's command line (`build_command`, for a machine
+  without a network) minus the agent channel (virtio-serial device, its port and chardev),
+  the same kernel, command line and root disk, booting the same initramfs except that /init
+  is a tiny static program that prints a marker on the console and calls
+  reboot(RB_POWER_OFF). Popen to reaped exit.
   Ours and the floor alternate, so both see the same machine load.
 * phases: where ours goes beyond the floor. Python start-up (`python -c pass`, and
   `supermachine --help`) as separate processes; then, in one fresh child process per
@@ -301,30 +303,23 @@ def rootfs_build(image: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- main
 
-# `supermachine run IMAGE true` minus the CLI, with the snapshot turned off (the CLI has no
-# switch for it): the cold boot path as a whole process.
-API_BOOT = """
-import sys
-import supermachine as sm
-with sm.VM(sys.argv[1], home=sys.argv[2], snapshot=False, on_notice=lambda m: None) as vm:
-    sys.exit(vm.run_workload(cmd=["true"]))
-"""
-
-MODES = ("cli restore", "cli first run", "api boot", "floor")
+MODES = ("cli restore", "cli first run", "cli boot", "cli boot, no network", "floor")
 
 
 def one_rep(mode: str, image: Path, floor: Floor, warm: common.Home, bake: common.Home
             ) -> float:
+    run = [common.CLI, "run"]
     if mode == "cli restore":  # the default path once the image has run here before
-        return common.run_timed([common.CLI, "run", str(image), "true"],
-                                env=common.home_env(warm)).seconds
+        return common.run_timed([*run, str(image), "true"], env=common.home_env(warm)).seconds
     if mode == "cli first run":  # no snapshot yet: boot, bake the snapshot, restore it
         shutil.rmtree(bake.root / "snapshots", ignore_errors=True)
-        return common.run_timed([common.CLI, "run", str(image), "true"],
-                                env=common.home_env(bake)).seconds
-    if mode == "api boot":
-        return common.run_timed([sys.executable, "-c", API_BOOT, str(image),
-                                 str(warm.root)]).seconds
+        return common.run_timed([*run, str(image), "true"], env=common.home_env(bake)).seconds
+    if mode == "cli boot":  # cold boot, default network (a passt process and a NIC)
+        return common.run_timed([*run, "--no-snapshot", str(image), "true"],
+                                env=common.home_env(warm)).seconds
+    if mode == "cli boot, no network":  # cold boot with the floor's devices
+        return common.run_timed([*run, "--no-snapshot", "--network", "none", str(image),
+                                 "true"], env=common.home_env(warm)).seconds
     return floor.boot()[1]
 
 
@@ -386,11 +381,12 @@ def main() -> int:
     common.print_table(
         f"run IMAGE true, whole process wall time ({reps} interleaved reps, accel "
         f"{info['accel']})", ["image", "mode", "p50", "p99", "/floor p50", "<=1.3x"], rows)
-    print("modes: cli restore = `supermachine run` with the image's automatic snapshot present"
-          " (the default path);\n  cli first run = the same with no snapshot yet (boot + bake"
-          " + restore);\n  api boot = a python process doing VM(image, snapshot=False) +"
-          " run_workload(['true']) (cold boot);\n  floor = bare QEMU, same command line minus"
-          " the agent channel, /init = marker + poweroff.")
+    print("modes: cli restore = `supermachine run IMAGE true` with the image's automatic "
+          "snapshot present (the default path);\n  cli first run = the same with no snapshot "
+          "yet (boot + bake + restore);\n  cli boot = `run --no-snapshot` (cold boot, default "
+          "network: passt + NIC);\n  cli boot, no network = `run --no-snapshot --network none`"
+          " (the floor's devices);\n  floor = bare QEMU, our command line minus the agent "
+          "channel (no NIC), /init = marker + poweroff.")
 
     # Where the time goes.
     startup_reps = 5 if args.quick else 20
@@ -400,7 +396,8 @@ def main() -> int:
     phase_reps = 1 if args.quick else 5
     results["python_startup"] = summary(py_pass)
     results["cli_help"] = summary(cli_help)
-    for label, mode, key in (("boot path, no snapshot", "--phases-child", "api boot"),
+    for label, mode, key in (("boot path, no snapshot, no network", "--phases-child",
+                              "cli boot, no network"),
                              ("restore path", "--restore-phases-child", "cli restore")):
         phases = measure_phases(mode, images["busybox"], warm, phase_reps)
         results[f"phases_busybox_{mode.strip('-')}"] = {k: summary(v) for k, v in phases.items()}
