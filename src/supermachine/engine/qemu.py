@@ -421,7 +421,7 @@ class QemuMachine(Machine):
             {"capability": "x-ignore-shared", "state": ignore_shared}]})
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            qmp.send_fd("getfd", {"fdname": "snapshot"}, fd)
+            qmp.execute("getfd", {"fdname": "snapshot"}, fd=fd)
         finally:
             os.close(fd)
         qmp.execute("migrate", {"uri": "fd:snapshot"})

@@ -23,7 +23,6 @@ class QMPClient:
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._buf = b""
-        self.events: list[dict[str, Any]] = []
         # One command in flight at a time: replies carry no id, so callers on different
         # threads (a snapshot, a port forward) must not interleave.
         self._lock = threading.RLock()
@@ -68,67 +67,36 @@ class QMPClient:
             self._negotiated = True
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float = 30.0) -> Any:
+                timeout: float = 30.0, *, fd: int | None = None) -> Any:
+        """Run ``command`` and return its result; ``fd`` is attached with SCM_RIGHTS (as
+        ``getfd`` and ``add-fd`` need)."""
         with self._lock:
-            return self._execute(command, arguments, timeout)
+            return self._execute(command, arguments, timeout, fd)
 
-    def _execute(self, command: str, arguments: dict[str, Any] | None,
-                 timeout: float) -> Any:
+    def _execute(self, command: str, arguments: dict[str, Any] | None, timeout: float,
+                 fd: int | None = None) -> Any:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
+        data = json.dumps(msg).encode() + b"\n"
         try:
-            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+            if fd is None:
+                self._sock.sendall(data)
+            else:
+                socket.send_fds(self._sock, [data], [fd])
         except OSError as e:
             raise EngineError(f"lost QEMU's control socket: {e}") from e
         deadline = time.monotonic() + timeout
         while True:
             reply = self._read_message(deadline)
             if "event" in reply:
-                self.events.append(reply)
-                continue
+                continue  # asynchronous events: nothing here waits for one
             if "error" in reply:
                 err = reply["error"]
                 desc = err.get("desc", err) if isinstance(err, dict) else err
                 raise EngineError(f"QEMU refused {command}: {desc}")
             if "return" in reply:
                 return reply["return"]
-
-    def send_fd(self, command: str, arguments: dict[str, Any], fd: int,
-                timeout: float = 30.0) -> Any:
-        """Run ``command`` with ``fd`` attached (SCM_RIGHTS), as ``getfd`` and ``add-fd`` need."""
-        with self._lock:
-            return self._send_fd(command, arguments, fd, timeout)
-
-    def _send_fd(self, command: str, arguments: dict[str, Any], fd: int,
-                 timeout: float) -> Any:
-        msg = json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n"
-        try:
-            socket.send_fds(self._sock, [msg], [fd])
-        except OSError as e:
-            raise EngineError(f"lost QEMU's control socket: {e}") from e
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read_message(deadline)
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                raise EngineError(f"QEMU refused {command}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
-
-    def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
-        for i, ev in enumerate(self.events):
-            if ev.get("event") == name:
-                return self.events.pop(i)
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self._read_message(deadline)
-            if msg.get("event") == name:
-                return msg
-            if "event" in msg:
-                self.events.append(msg)
 
     def close(self) -> None:
         self._sock.close()
