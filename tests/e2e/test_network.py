@@ -18,7 +18,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -170,9 +169,9 @@ def test_cold_booted_vm_network_and_published_port(home, busybox):
 def test_restored_vm_publishes_ports_and_is_kept_off_host_loopback(home, python_image):
     # The first VM of a configuration bakes its snapshot, then restores from it too.
     with http_server("127.0.0.1") as host_port, \
-            VM(python_image, home=home, ports={0: 8000}) as vm:
+            VM(python_image, home=home, ports=["8000", "0:7/udp"]) as vm:
         assert vm.restored_from is not None
-        port = vm.ports[0].host_port
+        port, udp_port = (f.host_port for f in vm.ports)
         assert vm.exec(["mkdir", "/tmp/srv"], timeout=60).ok
         vm.write_file("/tmp/srv/index.html", b"restored-page")
         vm.write_file("/tmp/server.py", GUEST_SERVER.encode())
@@ -183,6 +182,20 @@ def test_restored_vm_publishes_ports_and_is_kept_off_host_loopback(home, python_
         with concurrent.futures.ThreadPoolExecutor(50) as pool:
             results = list(pool.map(lambda _: fetch(port, "/index.html", 60), range(50)))
         assert results == [b"restored-page"] * 50
+
+        # A published UDP port (an echo server in the guest).
+        vm.write_file("/tmp/echo.py", UDP_ECHO.encode())
+        echo = vm.spawn(["python3", "/tmp/echo.py"])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(0.5)
+            for _ in range(60):  # datagrams sent before the server binds are lost
+                u.sendto(b"ping", ("127.0.0.1", udp_port))
+                with contextlib.suppress(TimeoutError):
+                    assert u.recv(100) == b"echo:ping"
+                    break
+            else:
+                raise AssertionError("no UDP echo through the published port")
+        echo.kill()
 
         # The gateway stands for the host only with allow_host_loopback: refused here.
         vm.write_file("/tmp/get.py", GUEST_GET.encode())
@@ -221,6 +234,15 @@ s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(128)
 while True:
     threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+'''
+
+UDP_ECHO = r'''
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 7))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(b"echo:" + data, peer)
 '''
 
 # Connects from the guest; prints what came back, or "refused" and why.
@@ -345,11 +367,14 @@ def test_host_port_in_use_is_a_clear_error_before_boot(home, busybox):
             VM(busybox, home=home, ports={port: 80}).start()
 
 
-def test_detached_vm_ports_in_ps_and_inspect(home, busybox, tmp_path: Path):
+def test_detached_vm_publish_all_ports_in_ps_and_inspect(home, busybox):
     import json
 
+    from tests.fixtures import images as fx
+
+    image = fx.variant(busybox, "bb-exposes-80", exposed_ports={"80/tcp": {}})
     name = f"net-{os.getpid()}"
-    r = run_cli(home, "run", "-d", "--name", name, "-p", "127.0.0.1::80", str(busybox),
+    r = run_cli(home, "run", "-d", "--name", name, "-P", str(image),
                 "sh", "-c", "mkdir -p /www && echo detached-page > /www/index.html && "
                             "exec httpd -f -p 80 -h /www")
     assert r.returncode == 0, r.stderr
