@@ -149,6 +149,13 @@ class VM:
             self._image_ref = named.meta["image_source"]
             self.memory_mib = named.inputs["memory_mib"]
             self.cpus = named.inputs["cpus"]
+            saved = named.inputs.get("network")
+            if isinstance(saved, list) and saved and saved[0] in net.MODES and \
+                    saved[0] != self._network.mode:
+                # The NIC is part of the saved machine, like its memory size.
+                self._network = net.Network(mode=saved[0], ports=self._network.ports,
+                                            allow_hosts=self._network.allow_hosts,
+                                            allow_host_loopback=self._network.allow_host_loopback)
         self.image = self._open_image()
         rootfs = ensure_rootfs(self.image, self.home)
         assets = ensure_guest_assets(self.home, kernel=self._kernel, initrd=self._initrd)
@@ -356,6 +363,9 @@ class VM:
             copy = self._engine.launch(config)
             try:
                 copy.wait_incoming(120)
+                # The stream carries the source's paused run state; run the copy so the
+                # state saved from it says "running" and restored VMs start on their own.
+                copy.resume()
                 copy.save_state(state)
             finally:
                 copy.kill()
