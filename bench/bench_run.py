@@ -202,7 +202,7 @@ def phases_child(image: str, home_root: str) -> None:
     marks["guest assets lookup"] = t() - t0
     engine = QemuEngine()
     t0 = t()
-    engine.version()  # VM puts it in the snapshot key: `qemu --version` on every start
+    engine.identity()  # VM puts it in the snapshot key (a stat of the QEMU binary)
     marks["qemu --version probe"] = t() - t0
     config = MachineConfig(kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline,
                            rootfs=rootfs, memory_mib=512, cpus=1, accel=accel.name)

@@ -174,7 +174,7 @@ class VM:
             "rootfs": {k: v for k, v in snapshot_mod.file_identity(rootfs).items()
                        if k in ("ino", "size", "mtime_ns")},
             "memory_mib": self.memory_mib, "cpus": self.cpus, "accel": self.accel.name,
-            "engine": self._engine.version(),
+            "engine": self._engine.identity(),
             # The NIC is a device of the saved machine; forwards and allow-lists are not
             # (each launch starts its own passt), so restored VMs can publish any ports.
             "network": [self._network.mode,

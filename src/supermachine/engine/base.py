@@ -100,4 +100,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def version(self) -> str:
-        """Identifies the monitor build; part of every snapshot's fingerprint."""
+        """The monitor's version, for people."""
+
+    @abc.abstractmethod
+    def identity(self) -> str:
+        """Identifies the monitor build and machine layout; part of snapshot fingerprints."""
