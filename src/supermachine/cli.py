@@ -669,8 +669,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .images import store
     from .images.progress import human_size
 
-    result = store.prune(_home(args))
-    print(f"Deleted {result.blobs_removed} blobs, reclaimed {human_size(result.bytes_freed)}")
+    from .engine.qemu import QemuEngine
+    from .snapshot import prune_auto
+
+    home = _home(args)
+    result = store.prune(home)
+    snapshots = prune_auto(home, QemuEngine().identity())
+    print(f"Deleted {result.blobs_removed} blobs and {len(snapshots)} stale automatic "
+          f"snapshots, reclaimed {human_size(result.bytes_freed)} of blobs")
     return 0
 
 

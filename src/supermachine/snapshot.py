@@ -219,7 +219,8 @@ def _sweep_temp(root: Path) -> None:
 
 
 def ensure_auto(home: Home, inputs: dict[str, Any], bake: Bake,
-                on_invalid: Callable[[str], None] | None = None) -> tuple[Snapshot, bool]:
+                on_invalid: Callable[[str], None] | None = None,
+                extra: dict[str, Any] | None = None) -> tuple[Snapshot, bool]:
     """The automatic snapshot for ``inputs``, baked on first use. Returns (snapshot, baked).
 
     Concurrent processes bake it once (file lock). A snapshot that fails verification is
@@ -242,7 +243,33 @@ def ensure_auto(home: Home, inputs: dict[str, Any], bake: Bake,
             if on_invalid:
                 on_invalid(f"{problem}; making a new snapshot")
         _sweep_temp(root)
-        return _publish(root, final, inputs, bake, {}), True
+        return _publish(root, final, inputs, bake, extra or {}), True
+
+
+def prune_auto(home: Home, engine_identity: str) -> list[Path]:
+    """Delete automatic snapshots that can never be restored again: made by another QEMU
+    build or machine layout, or for a root filesystem that is gone or was rebuilt.
+    (Snapshots still in use by running VMs stay mapped; their files vanish with them.)"""
+    root = home.snapshots / "auto"
+    removed = []
+    for entry in sorted(root.iterdir()) if root.exists() else []:
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        with file_lock(root / f".{entry.name}.lock"):
+            try:
+                snap = load(entry)
+                rootfs = Path(snap.meta.get("rootfs_path", ""))
+                current = {k: v for k, v in file_identity(rootfs).items()
+                           if k in ("ino", "size", "mtime_ns")} if rootfs.is_file() else None
+                stale = snap.inputs.get("engine") != engine_identity or \
+                    current != snap.inputs.get("rootfs")
+            except (SnapshotError, OSError):
+                stale = True
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    _sweep_temp(root)
+    return removed
 
 
 def check_name(name: str) -> str:

@@ -269,8 +269,9 @@ class VM:
                 machine.kill()
 
         try:
-            snap, baked = snapshot_mod.ensure_auto(self.home, inputs, bake,
-                                                   on_invalid=self._notice)
+            snap, baked = snapshot_mod.ensure_auto(
+                self.home, inputs, bake, on_invalid=self._notice,
+                extra={"rootfs_path": str(self._config.rootfs)})
         except SnapshotError as e:
             self._notice(f"{e}; booting without a snapshot")
             return None
