@@ -666,10 +666,9 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .engine.qemu import QemuEngine
     from .images import store
     from .images.progress import human_size
-
-    from .engine.qemu import QemuEngine
     from .snapshot import prune_auto
 
     home = _home(args)

@@ -175,3 +175,20 @@ def test_digest_ignores_sparseness_even_with_small_holes(tmp_path):
         f.write(b"2" * 4096)
     b.write_bytes(a.read_bytes())  # dense copy
     assert snap.content_digest(a) == snap.content_digest(b)
+
+
+def test_prune_removes_only_snapshots_that_can_never_be_restored(tmp_path):
+    home = Home(tmp_path)
+    rootfs = tmp_path / "root.sqfs"
+    rootfs.write_bytes(b"squash")
+    ident = {k: v for k, v in snap.file_identity(rootfs).items()
+             if k in ("ino", "size", "mtime_ns")}
+    live, _ = snap.ensure_auto(home, {**INPUTS, "rootfs": ident, "engine": "E1"}, fake_bake,
+                               extra={"rootfs_path": str(rootfs)})
+    old_engine, _ = snap.ensure_auto(home, {**INPUTS, "rootfs": ident, "engine": "E0"},
+                                     fake_bake, extra={"rootfs_path": str(rootfs)})
+    gone_rootfs, _ = snap.ensure_auto(home, {**INPUTS, "rootfs": {"ino": 1}, "engine": "E1"},
+                                      fake_bake, extra={"rootfs_path": str(rootfs)})
+    removed = snap.prune_auto(home, "E1")
+    assert sorted(removed) == sorted([old_engine.path, gone_rootfs.path])
+    assert live.path.exists()
