@@ -18,6 +18,7 @@ from ..errors import GuestError
 from ..home import Home, atomic_write_bytes, file_lock
 from . import initramfs
 from .kernel import GUEST_MODULES, OPTIONAL_MODULES, Kernel, fetch_kernel, kernel_from_path
+from .vmlinux import ensure_vmlinux
 
 #: bump when the initramfs layout or contents change for the same inputs
 BUILDER_VERSION = 2
@@ -186,6 +187,9 @@ def ensure_guest_assets(
     ``init``: another guest init binary (default: the package's sm-init).
     """
     kern = fetch_kernel(home) if kernel is None else kernel_from_path(kernel, modules)
+    # Our own kernel boots uncompressed (no decompression under emulation); a kernel given
+    # with --kernel is booted as given.
+    boot_image = (ensure_vmlinux(kern.vmlinuz) if kernel is None else None) or kern.vmlinuz
     init_sha = ""
     if initrd is None:
         init_path = init if init is not None else init_binary()
@@ -198,6 +202,7 @@ def ensure_guest_assets(
     # The command line is part of the identity: a snapshot taken with other arguments (or
     # another TSC rate) is a different guest.
     fp = hashlib.sha256()
-    for part in ("supermachine-guest-v1", kern.sha256, initrd_sha, init_sha, *cmdline):
+    for part in ("supermachine-guest-v1", kern.sha256, boot_image.name, initrd_sha, init_sha,
+                 *cmdline):
         fp.update(part.encode() + b"\0")
-    return GuestAssets(kern.vmlinuz, initrd_path, kern.version, cmdline, fp.hexdigest())
+    return GuestAssets(boot_image, initrd_path, kern.version, cmdline, fp.hexdigest())

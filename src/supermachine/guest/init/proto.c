@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,7 +58,10 @@ void sm_log(bool debug, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(line, sizeof(line), fmt, ap);
 	va_end(ap);
-	dprintf(2, "sm-init: %s\n", line);
+	/* Seconds since boot, as the kernel prints them: shows where a slow boot goes. */
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	dprintf(2, "sm-init: [%ld.%03ld] %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000000, line);
 }
 
 enum tag { TAG_ARGV = 1, TAG_ENV, TAG_CWD, TAG_USER, TAG_FLAGS, TAG_WINSIZE, TAG_OP, TAG_MODE };
