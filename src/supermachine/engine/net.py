@@ -3,12 +3,14 @@
 Why passt and not QEMU's built-in `-netdev user` (libslirp): QEMU 7.2 maps the slirp gateway
 (10.0.2.2) to the host's 127.0.0.1 and has no option to turn that off (libslirp's
 ``disable_host_loopback`` is not exposed), and ``restrict=on`` cuts all outbound traffic
-including DNS. passt's ``--no-map-gw`` keeps the guest off host loopback while leaving normal
-outbound access, it runs unprivileged as a separate process (a crash or bug there is not in
-the VMM), and its forwards are given when it starts, which suits snapshots: every launch,
-boot or restore, starts its own passt with this VM's forwards, so restored VMs publish ports
-without a boot and the snapshot holds nothing about them. The cost: forwards cannot be added
-to a running VM (passt in Debian 12 has no runtime control). Numbers: bench/bench_net.py.
+including DNS. passt runs unprivileged as a separate process (a crash or bug there is not in
+the VMM), and every socket call it makes can be checked by our LD_PRELOAD guard
+(engine/netguard.c), which is what keeps the guest off host loopback and enforces
+``--allow-host`` (passt's own ``--no-map-gw`` is not enough: hand-made packets to 127.0.0.1
+still got through, and it broke replies to UDP clients on loopback). Its forwards are given
+when it starts, which suits snapshots: every launch, boot or restore, starts its own passt
+with this VM's forwards, so restored VMs publish ports without a boot and the snapshot holds
+nothing about them; publishing on a running VM restarts passt. Numbers: bench/bench_net.py.
 
 Everything here is pure (no sockets, no processes) so it is unit- and property-tested.
 """
@@ -218,8 +220,6 @@ def passt_command(net: Network, *, passt: str, fd: int) -> list[str]:
            # The guest is configured by sm-init from the kernel command line; no DHCP/NDP
            # chatter, and nothing in the guest can ask passt for more.
            "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra"]
-    if not net.allow_host_loopback:
-        cmd.append("--no-map-gw")  # the gateway is then an ordinary remote address
     tcp = [f for f in net.ports if f.proto == "tcp"]
     udp = [f for f in net.ports if f.proto == "udp"]
     for flag, group in (("--tcp-ports", tcp), ("--udp-ports", udp)):

@@ -14,7 +14,12 @@
  *   deny      never reachable (the guest's gateway address, which stands for the host)
  *   allow     "*" for any other destination, or the only IPv4 networks allowed
  * Denied calls fail with EACCES (passt then resets the guest's connection). Non-IP sockets
- * (passt's unix socket, netlink) are never touched. */
+ * (passt's unix socket, netlink) are never touched.
+ *
+ * Replies: a datagram passt received (on a published UDP port, say, from a client on host
+ * loopback) makes its sender reachable on that address and port, as a stateful firewall
+ * would; the table of such peers is small and bounded (oldest entries are reused). TCP needs
+ * no such rule: accepted connections are never connect()ed. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
@@ -28,6 +33,7 @@
 
 #define MAX_NETS 256
 #define MAX_DNS 8
+#define MAX_PEERS 1024
 
 struct net4 {
 	uint32_t addr, mask; /* host byte order */
@@ -46,6 +52,41 @@ static ssize_t (*real_sendto)(int, const void *, size_t, int, const struct socka
 			      socklen_t);
 static ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
 static int (*real_sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+static ssize_t (*real_recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+static ssize_t (*real_recvmsg)(int, struct msghdr *, int);
+static int (*real_recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
+
+/* Senders of datagrams received: (address, port), host byte order. passt is single-threaded,
+ * so no locking. */
+static struct {
+	uint32_t ip;
+	uint16_t port;
+} peers[MAX_PEERS];
+static unsigned int npeers, next_peer;
+
+static bool is_peer(uint32_t ip, uint16_t port)
+{
+	for (unsigned int i = 0; i < npeers; i++)
+		if (peers[i].ip == ip && peers[i].port == port)
+			return true;
+	return false;
+}
+
+static void note_peer(const struct sockaddr *sa, socklen_t len)
+{
+	if (!sa || len < sizeof(struct sockaddr_in) || sa->sa_family != AF_INET)
+		return;
+	const struct sockaddr_in *s = (const void *)sa;
+	uint32_t ip = ntohl(s->sin_addr.s_addr);
+	uint16_t port = ntohs(s->sin_port);
+	if (is_peer(ip, port))
+		return;
+	peers[next_peer].ip = ip;
+	peers[next_peer].port = port;
+	next_peer = (next_peer + 1) % MAX_PEERS;
+	if (npeers < MAX_PEERS)
+		npeers++;
+}
 
 static bool parse_net(char *text, struct net4 *n)
 {
@@ -110,6 +151,9 @@ __attribute__((constructor)) static void netguard_init(void)
 	real_sendto = dlsym(RTLD_NEXT, "sendto");
 	real_sendmsg = dlsym(RTLD_NEXT, "sendmsg");
 	real_sendmmsg = dlsym(RTLD_NEXT, "sendmmsg");
+	real_recvfrom = dlsym(RTLD_NEXT, "recvfrom");
+	real_recvmsg = dlsym(RTLD_NEXT, "recvmsg");
+	real_recvmmsg = dlsym(RTLD_NEXT, "recvmmsg");
 	const char *env = getenv("SM_NETGUARD");
 	static char buf[8192];
 	if (!env || strlen(env) >= sizeof(buf))
@@ -131,6 +175,8 @@ static bool allowed4(uint32_t ip, uint16_t port)
 {
 	if (!policy.ok)
 		return false;
+	if (is_peer(ip, port))
+		return true;
 	for (int i = 0; i < policy.ndns; i++)
 		if (ip == policy.dns[i] && port == 53)
 			return true;
@@ -173,6 +219,30 @@ static bool allowed(const struct sockaddr *sa, socklen_t len)
 		return false;
 	}
 	return true;
+}
+
+ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *sa, socklen_t *len)
+{
+	ssize_t r = real_recvfrom(fd, buf, n, flags, sa, len);
+	if (r >= 0 && sa && len)
+		note_peer(sa, *len);
+	return r;
+}
+
+ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+{
+	ssize_t r = real_recvmsg(fd, msg, flags);
+	if (r >= 0 && msg)
+		note_peer(msg->msg_name, msg->msg_namelen);
+	return r;
+}
+
+int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, struct timespec *timeout)
+{
+	int r = real_recvmmsg(fd, v, n, flags, timeout);
+	for (int i = 0; i < r; i++)
+		note_peer(v[i].msg_hdr.msg_name, v[i].msg_hdr.msg_namelen);
+	return r;
 }
 
 int connect(int fd, const struct sockaddr *sa, socklen_t len)

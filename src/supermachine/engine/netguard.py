@@ -95,8 +95,8 @@ def policy(network: Network, nameservers: list[str] | None = None) -> str:
     allow = "*" if not network.allow_hosts else ",".join(resolve_allow(network.allow_hosts))
     if not allow:
         allow = "255.255.255.255/32"  # nothing resolvable: allow no real destination
-    # Without loopback access, the gateway (the host's alias when mapped) leads nowhere:
-    # passt would otherwise connect to that address on the host's real network.
+    # Without loopback access the gateway (which passt maps to the host) leads nowhere, not
+    # even to a machine of that address on the host's network.
     deny = "" if network.allow_host_loopback else f"deny={GATEWAY}/32;"
     return (f"loopback={int(network.allow_host_loopback)};dns={','.join(dns)};{deny}"
             f"allow={allow}")

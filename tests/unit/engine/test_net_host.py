@@ -120,6 +120,43 @@ def test_guard_allow_list_deny_and_dns(guard):
                  "connect,203.0.113.1,443", "connect,10.0.2.2,443") == ["ok", "denied"]
 
 
+REPLY_PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+data, peer = s.recvfrom(100)  # a client on loopback talks first...
+s.sendto(b"reply", peer)  # ...so it may be answered
+try:
+    s.sendto(b"x", ("127.0.0.1", int(sys.argv[1])))  # but not anyone else on loopback
+    print("other ok")
+except PermissionError:
+    print("other denied")
+"""
+
+
+def test_guard_lets_replies_reach_a_peer_that_sent_first(guard):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "LD_PRELOAD": str(guard),
+           "SM_NETGUARD": "loopback=0;dns=;allow=*"}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bystander:
+        client.bind(("127.0.0.1", 0))
+        bystander.bind(("127.0.0.1", 0))
+        client.settimeout(10)
+        proc = subprocess.Popen([sys.executable, "-c", REPLY_PROBE,
+                                 str(bystander.getsockname()[1])], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline())
+            client.sendto(b"hello", ("127.0.0.1", port))
+            assert client.recv(100) == b"reply"
+            assert proc.stdout.readline().strip() == "other denied"
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+
+
 @pytest.mark.parametrize("policy", [None, "", "loopback=2;allow=*", "allow=*;bogus=1",
                                     "allow=10.0.0.0/40", "loopback=1;allow=not-an-ip"])
 def test_guard_fails_closed_on_a_bad_policy(guard, policy):
