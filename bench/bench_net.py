@@ -258,11 +258,14 @@ def slirp_netdev(hostfwd_ports: tuple[int, ...]):
         cmd[i + 1] = "user,id=net0,ipv6=off,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3" + fwd
         return cmd
 
+    wait = qemu.QemuMachine._wait_net_connected
     qemu.build_command = patched
+    qemu.QemuMachine._wait_net_connected = staticmethod(lambda qmp, timeout: None)
     try:
         yield
     finally:
         qemu.build_command = original
+        qemu.QemuMachine._wait_net_connected = wait
 
 
 def in_vm(image: Path, home: Any, p: dict[str, Any], backend: str) -> dict[str, Any]:
