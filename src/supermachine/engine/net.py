@@ -31,7 +31,7 @@ GATEWAY = "10.0.2.2"  # with allow_host_loopback, connections to it reach the ho
 DNS = "10.0.2.3"  # passt forwards queries sent here to the host's resolver
 GUEST_MAC = "52:54:00:12:34:56"
 # passt's own MTU (what its DHCP would hand out). With Linux's default 1500, bulk transfers
-# host->guest ran at 3.6 MB/s; with 65520, 25 MB/s (TCG, bench/bench_net.py).
+# host->guest ran at 3.6 MB/s; with 65520, 16-25 MB/s (TCG, bench/bench_net.py).
 GUEST_MTU = 65520
 
 MODES = ("user", "none")
@@ -142,7 +142,9 @@ def check_forwards(forwards: Sequence[PortForward]) -> tuple[PortForward, ...]:
         if f.host_port == 0:
             continue
         key = (f.host_ip, f.host_port, f.proto)
-        if key in seen or ("0.0.0.0", f.host_port, f.proto) in seen:
+        clash = key in seen or ("0.0.0.0", f.host_port, f.proto) in seen or (
+            f.host_ip == "0.0.0.0" and any(k[1:] == key[1:] for k in seen))
+        if clash:
             raise UsageError(f"host port {f.host_port}/{f.proto} is published twice")
         seen.add(key)
     return tuple(forwards)

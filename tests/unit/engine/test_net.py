@@ -107,6 +107,9 @@ def test_duplicate_and_too_many_ports_are_refused():
         net.parse_ports(["8080:80", "8080:81"])
     with pytest.raises(UsageError, match="published twice"):
         net.parse_ports(["0.0.0.0:8080:80", "127.0.0.1:8080:81"])
+    with pytest.raises(UsageError, match="published twice"):
+        net.parse_ports(["127.0.0.1:8080:80", "0.0.0.0:8080:81"])
+    assert len(net.parse_ports(["127.0.0.1:8080:80", "127.0.0.2:8080:81"])) == 2
     # Same port, other protocol or ephemeral: fine.
     assert len(net.parse_ports(["8080:80", "8080:80/udp", "80", "80"])) == 4
     with pytest.raises(UsageError, match="too many"):
