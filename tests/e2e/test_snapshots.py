@@ -177,3 +177,11 @@ def test_cli_no_snapshot_flag_boots_cold(cli, busybox, home):
     assert (r.returncode, r.stdout) == (0, b"cold\n"), r.stderr
     assert b"booted in" in r.stderr
     assert auto_snapshots(home) == before  # nothing baked for the 200M configuration
+
+
+def test_named_snapshot_of_a_cold_booted_vm(busybox, snap_home):
+    with vm(busybox, snap_home, snapshot=False, network="none") as cold:
+        cold.write_file("/tmp/cold", b"from a cold boot")
+        cold.snapshot("from-cold")
+    with sm.VM("snapshot:from-cold", home=snap_home) as copy:
+        assert copy.read_file("/tmp/cold") == b"from a cold boot"

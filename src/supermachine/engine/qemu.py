@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 #: bump whenever build_command changes the machine's devices or options: snapshots made
 #: with another layout must not be restored (the version is part of their fingerprint)
-MACHINE_LAYOUT = 1
+MACHINE_LAYOUT = 2
 CONSOLE_KEEP = 64 * 1024  # bytes of console output kept for error messages
 
 
@@ -68,8 +68,9 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
     """
     machine = ["microvm", "x-option-roms=off", "isa-serial=on", "rtc=on", "pit=off", "pic=off"]
     mem = f"{config.memory_mib}M"
-    if config.memory_file is not None:
-        machine.append("memory-backend=mem")
+    # Always a named backend: the RAM block is then called "mem" in every VM, booted or
+    # restored, so the state of any VM loads into a file-backed copy (named snapshots).
+    machine.append("memory-backend=mem")
     cmd = [
         qemu,
         "-M", ",".join(machine),
@@ -104,6 +105,8 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
         share = "on" if config.memory_shared else "off"
         cmd += ["-object", f"memory-backend-file,id=mem,size={mem},"
                            f"mem-path={config.memory_file},share={share}"]
+    else:
+        cmd += ["-object", f"memory-backend-ram,id=mem,size={mem}"]
     if config.incoming_state is not None:
         if state_fd is None:
             raise ValueError("restoring needs the state file's fd")
@@ -234,6 +237,30 @@ class _Console:
         self._sock.close()
 
 
+NET_DIR_PREFIX = "supermachine-net-"
+
+
+def _sweep_net_dirs(tmp: str) -> None:
+    """Remove network socket directories of processes that died without cleaning up
+    (SIGKILL): their name carries the owner's pid."""
+    try:
+        entries = os.listdir(tmp)
+    except OSError:
+        return
+    for name in entries:
+        if not name.startswith(NET_DIR_PREFIX):
+            continue
+        pid = name[len(NET_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 class QemuMachine(Machine):
     def __init__(self, config: MachineConfig, qemu: str):
         self.config = config
@@ -311,7 +338,8 @@ class QemuMachine(Machine):
         user can connect a network to the VM. Our copy is closed once QEMU holds it."""
         import tempfile
 
-        self._net_dir = tempfile.mkdtemp(prefix="supermachine-net-")
+        _sweep_net_dirs(tempfile.gettempdir())
+        self._net_dir = tempfile.mkdtemp(prefix=f"{NET_DIR_PREFIX}{os.getpid()}-")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(os.path.join(self._net_dir, "sock"))

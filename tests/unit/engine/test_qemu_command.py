@@ -37,7 +37,11 @@ def test_boot_command_uses_microvm_tcg_and_fd_channels():
     assert "virtserialport,chardev=agent,name=sm.agent" in opt_values(cmd, "-device")
     drive = opt_values(cmd, "-drive")[0]
     assert "file=/c/root.sqfs" in drive and "readonly=on" in drive
-    assert "-incoming" not in cmd and "-object" not in cmd
+    assert "-incoming" not in cmd
+    # RAM is always the named backend "mem" (anonymous here), so any VM's state loads into a
+    # file-backed copy
+    assert "memory-backend=mem" in opt_values(cmd, "-M")[0]
+    assert opt_values(cmd, "-object") == ["memory-backend-ram,id=mem,size=256M"]
 
 
 def test_kvm_uses_host_cpu():
