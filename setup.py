@@ -8,6 +8,7 @@ binary lands in src/supermachine/guest/init/ before package data is collected.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 INIT_DIR = Path(__file__).resolve().parent / "src" / "supermachine" / "guest" / "init"
+NETGUARD = Path(__file__).resolve().parent / "src" / "supermachine" / "engine" / "netguard.c"
 
 
 def build_guest_init() -> None:
@@ -35,9 +37,34 @@ def build_guest_init() -> None:
         raise SystemExit(f"supermachine: building the guest init failed (make -C {INIT_DIR})")
 
 
+def build_netguard() -> None:
+    """The egress guard passt runs with (engine/netguard.c), so VMs need no compiler.
+
+    Named by its source's hash, as engine/netguard.py looks for it; when the source changes
+    later (an editable install), the library builds a fresh one into the cache instead.
+    """
+    if not NETGUARD.is_file():
+        return
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("supermachine: a C compiler is needed to build engine/netguard.c")
+    key = hashlib.sha256(NETGUARD.read_bytes()).hexdigest()[:16]
+    out = NETGUARD.with_name(f"netguard-{key}.so")
+    for old in NETGUARD.parent.glob("netguard-*.so"):
+        if old != out:
+            old.unlink()
+    if out.is_file():
+        return
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(out),
+                           str(NETGUARD), "-ldl"])
+    if proc.returncode != 0:
+        raise SystemExit(f"supermachine: building {NETGUARD} failed")
+
+
 class BuildPyWithInit(build_py):
     def run(self) -> None:
         build_guest_init()
+        build_netguard()
         super().run()
 
 
@@ -45,7 +72,8 @@ class SdistWithoutBinary(sdist):
     """Ship the init's sources, never a binary built on this machine: installs rebuild it."""
 
     def make_release_tree(self, base_dir: str, files: list[str]) -> None:
-        kept = [f for f in files if Path(f).as_posix() != "src/supermachine/guest/init/sm-init"]
+        kept = [f for f in files if Path(f).as_posix() != "src/supermachine/guest/init/sm-init"
+                and not Path(f).name.startswith("netguard-")]
         super().make_release_tree(base_dir, kept)
 
 

@@ -30,6 +30,9 @@ def ensure_netguard(cache: Path) -> Path:
     """The compiled guard, built into ``cache`` on first use (keyed by its source)."""
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src).hexdigest()[:16]
+    packaged = SOURCE.with_name(f"netguard-{key}.so")  # built at install time (setup.py)
+    if packaged.is_file():
+        return packaged
     lib = cache / f"netguard-{key}.so"
     if lib.is_file():
         return lib
