@@ -8,8 +8,10 @@ fetching the kernel and building squashfs images.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,3 +87,13 @@ def cli(home):
     def call(*args: str, **kw) -> subprocess.CompletedProcess[bytes]:
         return run_cli(home, *args, **kw)
     return call
+
+
+@pytest.fixture
+def nobody_home() -> Iterator[Path]:
+    """A home for the unprivileged user (pytest's tmp_path lives under a root-only dir)."""
+    path = Path(tempfile.mkdtemp(prefix="sm-nobody-"))
+    path.chmod(0o755)
+    os.chown(path, 65534, 65534)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -40,13 +36,6 @@ def test_pulled_image_runs_like_the_layout(cli, busybox, busybox_registry):
     assert never.returncode != 0 and b"not present locally" in never.stderr
 
 
-@pytest.fixture
-def nobody_home() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sm-nobody-pull-"))
-    path.chmod(0o755)
-    os.chown(path, 65534, 65534)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_unprivileged_user_pulls_and_runs(busybox_registry, nobody_home):

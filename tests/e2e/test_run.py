@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -190,14 +186,6 @@ def test_missing_kernel_is_a_clear_error(cli, busybox, tmp_path):
     assert "vmlinuz" in msg or "kernel" in msg
 
 
-@pytest.fixture
-def nobody_home() -> Iterator[Path]:
-    # pytest's tmp_path lives under a root-only directory; nobody needs its own.
-    path = Path(tempfile.mkdtemp(prefix="sm-nobody-"))
-    path.chmod(0o755)
-    os.chown(path, 65534, 65534)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_unprivileged_user_boots_and_execs(busybox, nobody_home):
