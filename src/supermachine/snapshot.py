@@ -246,6 +246,15 @@ def ensure_auto(home: Home, inputs: dict[str, Any], bake: Bake,
         return _publish(root, final, inputs, bake, extra or {}), True
 
 
+def discard_auto(home: Home, snap: Snapshot) -> None:
+    """Delete an automatic snapshot that failed to restore, so it is baked afresh."""
+    root = home.snapshots / "auto"
+    if snap.path.parent != root:
+        return
+    with file_lock(root / f".{snap.path.name}.lock"):
+        shutil.rmtree(snap.path, ignore_errors=True)
+
+
 def prune_auto(home: Home, engine_identity: str) -> list[Path]:
     """Delete automatic snapshots that can never be restored again: made by another QEMU
     build or machine layout, or for a root filesystem that is gone or was rebuilt.

@@ -201,6 +201,7 @@ class VM:
                     raise
                 self._notice(f"restoring the snapshot failed ({e}); booting instead")
                 stack.close()
+                snapshot_mod.discard_auto(self.home, snap)  # the next VM bakes a fresh one
                 snap = None
         if snap is None:
             self._start_machine(stack)

@@ -192,3 +192,12 @@ def test_prune_removes_only_snapshots_that_can_never_be_restored(tmp_path):
     removed = snap.prune_auto(home, "E1")
     assert sorted(removed) == sorted([old_engine.path, gone_rootfs.path])
     assert live.path.exists()
+
+
+def test_discarded_auto_snapshot_is_baked_again(tmp_path):
+    home = Home(tmp_path)
+    s, _ = snap.ensure_auto(home, INPUTS, fake_bake)
+    snap.discard_auto(home, s)
+    assert not s.path.exists()
+    _, baked = snap.ensure_auto(home, INPUTS, fake_bake)
+    assert baked
