@@ -185,3 +185,29 @@ def test_named_snapshot_of_a_cold_booted_vm(busybox, snap_home):
         cold.snapshot("from-cold")
     with sm.VM("snapshot:from-cold", home=snap_home) as copy:
         assert copy.read_file("/tmp/cold") == b"from a cold boot"
+
+
+def test_snapshot_that_fails_to_load_falls_back_and_is_rebaked(busybox, snap_home):
+    import json
+
+    from supermachine.snapshot import sha256_file
+
+    with vm(busybox, snap_home, memory="288M"):
+        pass  # bakes the 288M snapshot
+    (name,) = [n for n in auto_snapshots(snap_home)
+               if '"memory_mib": 288' in (snap_home / "snapshots/auto" / n / "meta.json")
+               .read_text()]
+    d = snap_home / "snapshots" / "auto" / name
+    # A state file QEMU cannot load, with a checksum that matches: only the restore fails.
+    (d / "state").write_bytes(b"QEVM\0\0\0\3" + os.urandom(4096))
+    meta = json.loads((d / "meta.json").read_text())
+    meta["state_sha256"] = sha256_file(d / "state")
+    (d / "meta.json").write_text(json.dumps(meta))
+    notices: list[str] = []
+    with vm(busybox, snap_home, memory="288M", on_notice=notices.append) as fallback:
+        assert fallback.restored_from is None
+        assert fallback.exec(["echo", "booted"]).stdout == b"booted\n"
+    assert any("restoring the snapshot failed" in n for n in notices), notices
+    assert not d.exists()
+    with vm(busybox, snap_home, memory="288M") as again:
+        assert again.restored_from == name  # baked afresh under the same fingerprint
