@@ -227,11 +227,10 @@ class Supervisor:
             err.exit_code = status.exit_code
             raise err
         self._serve()
-        machine = getattr(self.vm, "_machine", None)  # informational only
         self.d.update(status=detached.RUNNING, command=list(work.argv), started=time.time(),
-                      supervisor_pid=os.getpid(), qemu_pid=getattr(machine, "pid", None),
+                      supervisor_pid=os.getpid(), qemu_pid=self.vm.pid,
                       memory_mib=self.vm.memory_mib, cpus=self.vm.cpus,
-                      ports=[str(p) for p in getattr(self.vm, "ports", ())])
+                      ports=[str(p) for p in self.vm.ports])
         self._spawn_thread(self._log_workload, "workload-log")
 
     def _report(self, obj: dict[str, object]) -> bool:

@@ -378,6 +378,11 @@ class VM:
                                          {"image_source": self._image_ref})
 
     @property
+    def pid(self) -> int | None:
+        """The VM's QEMU process id while it runs (for ps/inspect), else None."""
+        return self._machine.pid if self.running else None
+
+    @property
     def running(self) -> bool:
         return self._machine is not None and self._machine.poll() is None and \
             self._client is not None
