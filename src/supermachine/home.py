@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -135,6 +136,15 @@ def atomic_write_bytes(final: Path, data: bytes, mode: int = 0o644) -> None:
     with atomic_path(final) as tmp:
         tmp.write_bytes(data)
         os.chmod(tmp, mode)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def disk_full_message(e: OSError, what: Path) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SnapshotError, UsageError
-from .home import Home, atomic_write_bytes, file_lock
+from .home import Home, atomic_write_bytes, file_lock, sha256_file
 
 FORMAT = 1
 MAX_META = 1 << 20
@@ -94,14 +94,6 @@ def content_digest(path: Path) -> str:
                     h.update(block)
                 offset += len(block)
             done = offset
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
     return h.hexdigest()
 
 

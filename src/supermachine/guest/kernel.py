@@ -22,7 +22,6 @@ written; so the fast path (later runs) is one small read and one stat, with no a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GuestError
-from ..home import Home, atomic_write_bytes, file_lock
+from ..home import Home, atomic_write_bytes, file_lock, sha256_file
 
 DEFAULT_PACKAGE = "linux-image-cloud-amd64"
 
@@ -74,14 +73,6 @@ class Kernel:
 
 # --------------------------------------------------------------------------------------------
 # Reading kernels and modules
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bzimage_version(header: bytes) -> str:
@@ -201,7 +192,7 @@ def kernel_from_path(vmlinuz: Path, modules_dir: Path | None = None) -> Kernel:
         raise GuestError(f"cannot read kernel {vmlinuz}: {e.strerror}") from e
     if size > _MAX_KERNEL:
         raise GuestError(f"kernel {vmlinuz} is over {_MAX_KERNEL >> 20} MiB; is it a kernel?")
-    digest = _sha256_file(vmlinuz)
+    digest = sha256_file(vmlinuz)
     if header.startswith(b"\x7fELF"):
         version = "elf-" + digest[:16]  # an uncompressed vmlinux (PVH boot) has no header string
     else:
@@ -284,7 +275,7 @@ def _download(cand: _Candidate, work: Path) -> Path:
     deb = debs[0]
     if cand.size and deb.stat().st_size != cand.size:
         raise GuestError(f"{deb.name} has the wrong size; remove it and retry, {_HINT}")
-    if _sha256_file(deb) != cand.sha256:
+    if sha256_file(deb) != cand.sha256:
         raise GuestError(f"{deb.name} does not match apt's SHA256; retry, {_HINT}")
     return deb
 
@@ -323,7 +314,7 @@ def _assemble(
         "package": cand.package,
         "package_version": cand.version,
         "deb_sha256": cand.sha256,
-        "vmlinuz_sha256": _sha256_file(stage / "vmlinuz"),
+        "vmlinuz_sha256": sha256_file(stage / "vmlinuz"),
     }
     (stage / "kernel.json").write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -191,7 +191,8 @@ static struct session *find(struct agent *a, uint32_t id)
 	return NULL;
 }
 
-static void free_session(struct session *s)
+/* Closes a session's fds and drops its queued stdin; the slot stays in use. */
+static void release_io(struct session *s)
 {
 	close_fd(&s->status_fd);
 	close_fd(&s->in_fd);
@@ -199,6 +200,11 @@ static void free_session(struct session *s)
 	close_fd(&s->out_fd[2]);
 	close_fd(&s->ctl_fd);
 	buf_free(&s->inq);
+}
+
+static void free_session(struct session *s)
+{
+	release_io(s);
 	/* A free slot must hold no fd number, not 0: stale poll entries look at them. */
 	*s = (struct session){.status_fd = -1, .in_fd = -1, .out_fd = {-1, -1, -1}, .ctl_fd = -1};
 }
@@ -243,12 +249,7 @@ static void kill_session(struct session *s)
 		kill(-s->pid, SIGKILL);
 		kill(s->pid, SIGKILL); /* in case it has not reached setsid() yet */
 	}
-	close_fd(&s->status_fd);
-	close_fd(&s->in_fd);
-	close_fd(&s->out_fd[1]);
-	close_fd(&s->out_fd[2]);
-	close_fd(&s->ctl_fd);
-	buf_free(&s->inq);
+	release_io(s);
 }
 
 /* Reset: sessions are killed (KEEP ones detached when !all), no frame for any of them is
