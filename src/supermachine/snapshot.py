@@ -38,6 +38,9 @@ from .errors import SnapshotError, UsageError
 from .home import Home, atomic_write_bytes, file_lock, sha256_file
 
 FORMAT = 1
+#: How automatic snapshots are baked; older ones are rebaked and pruned.
+#: 2: the image's default command and its libraries are in the guest page cache.
+AUTO_BAKE = 2
 MAX_META = 1 << 20
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
 
@@ -220,6 +223,7 @@ def ensure_auto(home: Home, inputs: dict[str, Any], bake: Bake,
     """
     root = home.snapshots / "auto"
     root.mkdir(exist_ok=True)
+    inputs = {**inputs, "bake": AUTO_BAKE}
     fp = fingerprint(inputs)
     final = root / fp
     with file_lock(root / f".{fp}.lock"):
@@ -249,7 +253,8 @@ def discard_auto(home: Home, snap: Snapshot) -> None:
 
 def prune_auto(home: Home, engine_identity: str) -> list[Path]:
     """Delete automatic snapshots that can never be restored again: made by another QEMU
-    build or machine layout, or for a root filesystem that is gone or was rebuilt.
+    build or machine layout, baked the old way, or for a root filesystem that is gone or
+    was rebuilt.
     (Snapshots still in use by running VMs stay mapped; their files vanish with them.)"""
     root = home.snapshots / "auto"
     removed = []
@@ -263,7 +268,8 @@ def prune_auto(home: Home, engine_identity: str) -> list[Path]:
                 current = {k: v for k, v in file_identity(rootfs).items()
                            if k in ("ino", "size", "mtime_ns")} if rootfs.is_file() else None
                 stale = snap.inputs.get("engine") != engine_identity or \
-                    current != snap.inputs.get("rootfs")
+                    current != snap.inputs.get("rootfs") or \
+                    snap.inputs.get("bake") != AUTO_BAKE
             except (SnapshotError, OSError):
                 stale = True
             if stale:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import snapshot as snapshot_mod
-from .agent.client import AgentClient, ExecResult, ExitStatus, Process
+from .agent.client import AgentClient, ExecResult, ExitStatus, GuestFileError, Process
 from .agent.protocol import Stream
 from .errors import AgentError, Error, SnapshotError, UsageError, VMError
 from .home import Home
@@ -30,6 +30,7 @@ __all__ = ["VM", "ExecResult", "ExitStatus", "Process"]
 
 SNAPSHOT_PREFIX = "snapshot:"
 DEFAULT_BOOT_TIMEOUT = 120.0  # TCG on a loaded 2-core machine can be slow; KVM takes <1 s
+PREFETCH_SECONDS = 10.0  # bound on warming a snapshot's page cache (~0.3 s for python)
 
 
 def _boot_failure_summary(console: str) -> str:
@@ -264,6 +265,7 @@ class VM:
                                          network=self._unpublished())
             machine, client = self._launch(config)
             try:
+                self._prefetch_default_command(client)
                 machine.save_state(state)
             finally:
                 client.close()
@@ -279,6 +281,32 @@ class VM:
         if baked:
             log.info("baked snapshot %s", snap.path)
         return snap
+
+    def _prefetch_default_command(self, client: AgentClient) -> None:
+        """Cache the image's default program and its libraries in the guest before a bake,
+        so restored VMs start it without reading the squashfs (see prefetch.py)."""
+        from .prefetch import prefetch_command
+
+        cfg = self.image.config
+        try:
+            work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
+                           working_dir=cfg.working_dir, user=cfg.user)
+        except UsageError:
+            return  # no default command: nothing to warm
+        path_env = next((e[5:] for e in work.env if e.startswith("PATH=")), "")
+        deadline = time.monotonic() + PREFETCH_SECONDS
+
+        def read(path: str, max_size: int) -> bytes | None:
+            if time.monotonic() > deadline:
+                return None
+            try:
+                return client.read_file(path, max_size=max_size)
+            except GuestFileError:
+                return None
+
+        t0 = time.monotonic()
+        fetched = prefetch_command(read, work.argv, path_env=path_env, cwd=work.cwd)
+        log.debug("prefetched %s in %.0f ms", fetched, (time.monotonic() - t0) * 1000)
 
     def _launch(self, config):
         """Start a machine and wait for its guest agent's HELLO; failures name the cause."""

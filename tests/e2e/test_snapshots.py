@@ -47,6 +47,26 @@ def test_first_boot_bakes_then_every_vm_restores(busybox, snap_home):
     assert auto_snapshots(snap_home) == baked
 
 
+def sectors_read(v: sm.VM) -> int:
+    """Sectors the guest has read from its root disk (/sys/block/vda/stat, field 3)."""
+    return int(v.read_file("/sys/block/vda/stat").split()[2])
+
+
+def test_bake_caches_the_default_command(busybox, snap_home):
+    # The image's Cmd is `sh` (busybox): a restored VM runs it, and `true`, without
+    # reading the root disk, because the bake left busybox in the guest's page cache.
+    with vm(busybox, snap_home) as v:
+        before = sectors_read(v)
+        assert v.exec(["sh", "-c", "true"]).exit_code == 0
+        assert v.exec(["true"]).exit_code == 0
+        assert sectors_read(v) == before
+        # The measure can see reads: with the cache dropped, the same command reads.
+        v.exec(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"])
+        dropped = sectors_read(v)
+        assert v.exec(["true"]).exit_code == 0
+        assert sectors_read(v) > dropped
+
+
 def test_clones_are_distinct_machines(busybox, snap_home):
     script = "head -c 16 /dev/urandom | od -An -tx1; date +%s; hostname"
     a = vm(busybox, snap_home, hostname="clone-a").start()
