@@ -42,6 +42,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="pull a registry image before running (default: missing)")
     p.add_argument("--no-snapshot", action="store_true",
                    help="boot cold instead of restoring the image's automatic snapshot")
+    p.add_argument("--hostname", metavar="NAME",
+                   help="the VM's hostname (default: localhost; a detached VM's name)")
+    p.add_argument("--machine-id", metavar="ID|random",
+                   help="write /etc/machine-id in the VM: 32 hex digits, or 'random' for a "
+                        "fresh one (default: the image's own)")
     _add_network_options(p)
     _add_registry_options(p)
 
@@ -242,7 +247,7 @@ def _machine(args: argparse.Namespace):
         accel=args.accel, kernel=args.kernel, initrd=args.initrd, home=_home(args),
         verbose=args.verbose or args.debug, on_notice=_notice, pull=args.pull,
         platform=args.platform, registry_options=_registry_options(args),
-        snapshot=not args.no_snapshot, **_network_kwargs(args))
+        snapshot=not args.no_snapshot, **_vm_kwargs(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -280,19 +285,23 @@ def _vm_options(args: argparse.Namespace) -> dict[str, object]:
         "verbose": args.verbose or args.debug, "snapshot": not args.no_snapshot,
         "entrypoint": args.entrypoint, "cmd": list(args.cmd), "env": _expand_env(args.env),
         "workdir": args.workdir, "user": args.user, "stdin": args.interactive, "tty": args.tty,
-        "vm_kwargs": _network_kwargs(args),
+        "vm_kwargs": _vm_kwargs(args),
     }
 
 
-def _network_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    """VM keyword arguments from the networking options of `run` (network=, ports=,
-    publish_all=, allow_hosts=, allow_host_loopback=; see supervisor.NETWORK_KWARGS).
+def _vm_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """VM keyword arguments from the networking and identity options of `run` (see
+    supervisor.VM_KWARGS), checked now so a detached VM fails here, not in its supervisor.
 
     Values must be JSON-able: detached VMs carry them to the supervisor in state.json.
     """
+    from .workload import parse_hostname, parse_machine_id
+
     return {"network": args.network, "ports": list(args.publish),
             "publish_all": args.publish_all, "allow_hosts": list(args.allow_host),
-            "allow_host_loopback": args.allow_host_loopback}
+            "allow_host_loopback": args.allow_host_loopback,
+            "hostname": parse_hostname(args.hostname),
+            "machine_id": parse_machine_id(args.machine_id)}
 
 
 def _abspath(path: str | None) -> str | None:

@@ -55,9 +55,9 @@ MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0  # a client must send its request this soon after connecting
 STOP_KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the workload before tearing down
 SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace period
-# VM keyword arguments `run` may pass through state.json (cli._network_kwargs)
-NETWORK_KWARGS = frozenset({"network", "ports", "publish_all", "allow_hosts",
-                            "allow_host_loopback"})
+# VM keyword arguments `run` may pass through state.json (cli._vm_kwargs)
+VM_KWARGS = frozenset({"hostname", "machine_id", "network", "ports", "publish_all",
+                       "allow_hosts", "allow_host_loopback"})
 
 
 # ---- CLI side ---------------------------------------------------------------------------
@@ -202,9 +202,9 @@ class Supervisor:
                                        "ca_file": o.get("ca_file")},
                      on_notice=lambda m: log.info("%s", m),
                      snapshot=bool(o.get("snapshot", True)),
-                     hostname=self._record.name[:64],  # docker names the host too
-                     **{k: v for k, v in dict(o.get("vm_kwargs") or {}).items()
-                        if k in NETWORK_KWARGS})
+                     **{"hostname": self._record.name[:64],  # docker names the host too
+                        **{k: v for k, v in dict(o.get("vm_kwargs") or {}).items()
+                           if k in VM_KWARGS and v is not None}})
         self.vm.start()
         cfg = self.vm.image.config
         self._stop_signal = parse_stop_signal(cfg.stop_signal)

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .agent.client import AgentClient, ExecResult, ExitStatus, GuestFileError, P
 from .agent.protocol import Stream
 from .errors import AgentError, Error, SnapshotError, UsageError, VMError
 from .home import Home
-from .workload import parse_cpus, parse_memory, resolve
+from .workload import parse_cpus, parse_hostname, parse_machine_id, parse_memory, resolve
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class VM:
         registry_options: Mapping[str, object] | None = None,
         snapshot: bool = True,
         hostname: str | None = None,
+        machine_id: str | bool | None = None,
         network: str = "user",
         ports: Mapping[int | str, int] | Sequence[str | int] | None = None,
         publish_all: bool = False,
@@ -92,7 +94,8 @@ class VM:
         self._platform = platform
         self._registry_options = dict(registry_options or {})
         self._use_snapshot = snapshot
-        self._hostname = hostname
+        self._hostname = parse_hostname(hostname)
+        self._machine_id = parse_machine_id(machine_id)
         from .engine import net
 
         # Validated now, so bad specs fail before anything is pulled or booted.
@@ -263,7 +266,7 @@ class VM:
         def bake(mem: Path, state: Path) -> None:
             config = dataclasses.replace(self._config, memory_file=mem, memory_shared=True,
                                          network=self._unpublished())
-            machine, client = self._launch(config)
+            machine, client = self._launch(config, personal=False)
             try:
                 self._prefetch_default_command(client)
                 machine.save_state(state)
@@ -308,8 +311,11 @@ class VM:
         fetched = prefetch_command(read, work.argv, path_env=path_env, cwd=work.cwd)
         log.debug("prefetched %s in %.0f ms", fetched, (time.monotonic() - t0) * 1000)
 
-    def _launch(self, config):
-        """Start a machine and wait for its guest agent's HELLO; failures name the cause."""
+    def _launch(self, config, *, personal: bool = True):
+        """Start a machine and wait for its guest agent's HELLO; failures name the cause.
+
+        ``personal`` applies this VM's hostname and machine id; a bake leaves them out, so
+        the shared snapshot keeps the boot's defaults for VMs that ask for neither."""
         machine = self._engine.launch(config)
         try:
             client = AgentClient(machine.agent)
@@ -317,8 +323,10 @@ class VM:
             machine.kill()
             raise
         try:
+            machine_id = uuid.uuid4().hex if self._machine_id is True else self._machine_id
             client.hello(self._boot_timeout, time_ns=time.time_ns(), entropy=os.urandom(64),
-                         hostname=self._hostname)
+                         hostname=self._hostname if personal else None,
+                         machine_id=machine_id if personal else None)
         except BaseException as e:
             status = machine.wait(timeout=0.5) if isinstance(e, AgentError) else None
             client.close()

@@ -108,3 +108,26 @@ def parse_cpus(value: str | int | float) -> int:
     if cpus > 64:
         raise UsageError(f"CPU count {value!r} out of range: 1 to 64")
     return cpus
+
+
+def parse_hostname(value: str | None) -> str | None:
+    """A guest hostname: 1..64 bytes (the kernel's limit), no NUL."""
+    if value is None:
+        return None
+    size = len(value.encode())
+    if not 1 <= size <= 64 or "\0" in value:
+        raise UsageError(f"invalid hostname {value!r}: use 1 to 64 characters")
+    return value
+
+
+def parse_machine_id(value: str | bool | None) -> str | bool | None:
+    """None/False: the image's own /etc/machine-id; True or ``random``: a fresh one for each
+    VM; else 32 hex digits (a UUID's dashes allowed), kept lowercase as machine-id(5) wants."""
+    if value is None or value is False:
+        return None
+    if value is True or value == "random":
+        return True
+    text = str(value).strip().lower().replace("-", "")
+    if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+        raise UsageError(f"invalid machine id {value!r}: use 32 hex digits or 'random'")
+    return text

@@ -68,17 +68,20 @@ def test_bake_caches_the_default_command(busybox, snap_home):
 
 
 def test_clones_are_distinct_machines(busybox, snap_home):
-    script = "head -c 16 /dev/urandom | od -An -tx1; date +%s; hostname"
-    a = vm(busybox, snap_home, hostname="clone-a").start()
-    b = vm(busybox, snap_home, hostname="clone-b").start()
+    script = ("head -c 16 /dev/urandom | od -An -tx1; date +%s; hostname; "
+              "cat /etc/machine-id; stat -c %a /etc/machine-id")
+    a = vm(busybox, snap_home, hostname="clone-a", machine_id=True).start()
+    b = vm(busybox, snap_home, hostname="clone-b", machine_id=True).start()
     try:
         ra, rb = a.exec(["sh", "-c", script]), b.exec(["sh", "-c", script])
         now = time.time()
-        (rand_a, t_a, host_a), (rand_b, t_b, host_b) = (
+        (rand_a, t_a, host_a, id_a, mode_a), (rand_b, t_b, host_b, id_b, mode_b) = (
             r.stdout.decode().splitlines() for r in (ra, rb))
         assert rand_a != rand_b
         assert abs(int(t_a) - now) < 30 and abs(int(t_b) - now) < 30
         assert (host_a, host_b) == ("clone-a", "clone-b")
+        assert id_a != id_b and all(len(i) == 32 and int(i, 16) >= 0 for i in (id_a, id_b))
+        assert mode_a == mode_b == "444"
         # writes are private to each clone
         a.write_file("/tmp/mine", b"only in a")
         assert a.read_file("/tmp/mine") == b"only in a"
@@ -86,6 +89,19 @@ def test_clones_are_distinct_machines(busybox, snap_home):
     finally:
         a.close()
         b.close()
+
+
+def test_a_bake_keeps_none_of_the_baking_vms_identity(busybox, snap_home):
+    # The first VM of this configuration (384M) bakes the shared snapshot: its hostname
+    # and machine id must not reach VMs that ask for neither.
+    chosen = "0123456789abcdef0123456789abcdef"
+    with vm(busybox, snap_home, memory="384M", hostname="baker", machine_id=chosen) as first:
+        assert first.exec(["sh", "-c", "hostname; cat /etc/machine-id"]).stdout == \
+            f"baker\n{chosen}\n".encode()
+    with vm(busybox, snap_home, memory="384M") as plain:
+        assert plain.restored_from is not None
+        r = plain.exec(["sh", "-c", "hostname; cat /etc/machine-id"])
+        assert r.stdout == b"localhost\n" and r.exit_code != 0  # busybox has no machine-id
 
 
 def test_changed_inputs_are_not_reused(busybox, snap_home):
@@ -189,6 +205,28 @@ def test_cli_snapshot_of_a_detached_vm(cli, busybox):
         assert r.returncode != 0 and b"no snapshot named" in r.stderr
     finally:
         cli("rm", "-f", name)
+
+
+def test_cli_hostname_and_machine_id(cli, busybox):
+    show = ["sh", "-c", "hostname; cat /etc/machine-id"]
+    r = cli("run", "--hostname", "web-1", "--machine-id", "random", str(busybox), *show)
+    host, mid = r.stdout.decode().split()
+    assert (r.returncode, host, len(mid)) == (0, "web-1", 32), r.stderr
+    again = cli("run", "--machine-id", "random", str(busybox), *show).stdout.decode().split()
+    assert again[0] == "localhost" and again[1] != mid
+    name = f"ident-{os.getpid()}"
+    r = cli("run", "-d", "--name", name, "--machine-id", "ABCDEF01-2345-6789-abcd-ef0123456789",
+            str(busybox), "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = cli("exec", name, *show)
+        assert r.stdout == f"{name}\nabcdef0123456789abcdef0123456789\n".encode(), r.stderr
+    finally:
+        cli("rm", "-f", name)
+    r = cli("run", "--machine-id", "nope", str(busybox), "true")
+    assert r.returncode != 0 and r.stderr.count(b"\n") == 1 and b"machine id" in r.stderr
+    r = cli("run", "-d", "--hostname", "h" * 65, str(busybox), "true")
+    assert r.returncode != 0 and b"hostname" in r.stderr and b"Traceback" not in r.stderr
 
 
 def test_cli_no_snapshot_flag_boots_cold(cli, busybox, home):

@@ -163,7 +163,7 @@ def test_concurrent_processes_bake_once(tmp_path):
     assert out.read_text() == "baked\n"
     meta = json.loads(next((tmp_path / "h" / "snapshots" / "auto").glob("*/meta.json"))
                       .read_text())
-    assert meta["inputs"] == INPUTS
+    assert meta["inputs"] == {**INPUTS, "bake": snap.AUTO_BAKE}
 
 
 def test_digest_ignores_sparseness_even_with_small_holes(tmp_path):
@@ -189,8 +189,15 @@ def test_prune_removes_only_snapshots_that_can_never_be_restored(tmp_path):
                                      fake_bake, extra={"rootfs_path": str(rootfs)})
     gone_rootfs, _ = snap.ensure_auto(home, {**INPUTS, "rootfs": {"ino": 1}, "engine": "E1"},
                                       fake_bake, extra={"rootfs_path": str(rootfs)})
+    # baked the old way (before AUTO_BAKE): still valid input-wise, but never chosen again
+    old_bake, _ = snap.ensure_auto(home, {**INPUTS, "rootfs": ident, "engine": "E1",
+                                          "cpus": 3}, fake_bake,
+                                   extra={"rootfs_path": str(rootfs)})
+    meta = json.loads((old_bake.path / "meta.json").read_text())
+    meta["inputs"]["bake"] = snap.AUTO_BAKE - 1
+    (old_bake.path / "meta.json").write_text(json.dumps(meta))
     removed = snap.prune_auto(home, "E1")
-    assert sorted(removed) == sorted([old_engine.path, gone_rootfs.path])
+    assert sorted(removed) == sorted([old_engine.path, gone_rootfs.path, old_bake.path])
     assert live.path.exists()
 
 

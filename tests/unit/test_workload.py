@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from supermachine.errors import UsageError
-from supermachine.workload import DEFAULT_PATH, parse_cpus, parse_memory, resolve
+from supermachine.workload import (
+    DEFAULT_PATH,
+    parse_cpus,
+    parse_hostname,
+    parse_machine_id,
+    parse_memory,
+    resolve,
+)
 
 IMAGE = dict(entrypoint=("/entry",), cmd=("--serve",), env=("A=1", "PATH=/bin"),
              working_dir="/app", user="app")
@@ -77,3 +84,26 @@ def test_parse_cpus():
         parse_cpus("many")
     with pytest.raises(UsageError):
         parse_cpus(100)
+
+
+@pytest.mark.parametrize("value, want", [
+    (None, None), (False, None), (True, True), ("random", True),
+    ("0123456789ABCDEF0123456789abcdef", "0123456789abcdef0123456789abcdef"),
+    ("01234567-89ab-cdef-0123-456789abcdef", "0123456789abcdef0123456789abcdef"),
+])
+def test_parse_machine_id(value, want):
+    assert parse_machine_id(value) == want
+
+
+@pytest.mark.parametrize("value", ["", "xyz", "0" * 31, "0" * 33, "g" * 32, "rand"])
+def test_parse_machine_id_rejects(value):
+    with pytest.raises(UsageError, match="machine id"):
+        parse_machine_id(value)
+
+
+def test_parse_hostname():
+    assert parse_hostname(None) is None
+    assert parse_hostname("web-1") == "web-1"
+    for bad in ("", "h" * 65, "a\0b", "é" * 33):  # the limit is 64 bytes, not characters
+        with pytest.raises(UsageError, match="hostname"):
+            parse_hostname(bad)

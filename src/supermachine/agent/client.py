@@ -200,6 +200,7 @@ class AgentClient:
         time_ns: int | None = None,
         entropy: bytes | None = None,
         hostname: StrOrBytes | None = None,
+        machine_id: StrOrBytes | None = None,
     ) -> None:
         """Send HELLO and wait until the guest answers: it is then ready for work."""
         with self._cond:
@@ -208,6 +209,7 @@ class AgentClient:
                     time_ns=time_ns,
                     entropy=entropy,
                     hostname=None if hostname is None else _b(hostname),
+                    machine_id=None if machine_id is None else _b(machine_id),
                 )
             )
         if not self._wait(lambda: self._conn.ready, time.monotonic() + timeout):

@@ -88,6 +88,7 @@ class SetupTag(enum.IntEnum):
     TIME_NS = 1
     ENTROPY = 2
     HOSTNAME = 3
+    MACHINE_ID = 4
 
 
 class ExecTag(enum.IntEnum):
@@ -208,6 +209,7 @@ def encode_hello(
     time_ns: int | None = None,
     entropy: bytes | None = None,
     hostname: bytes | None = None,
+    machine_id: bytes | None = None,
 ) -> bytes:
     """The host's HELLO: version, nonce and optional setup fields."""
     if len(nonce) != NONCE_SIZE:
@@ -225,7 +227,16 @@ def encode_hello(
         if not 1 <= len(hostname) <= 64:
             raise ValueError("hostname must be 1..64 bytes")
         payload += _tlv(SetupTag.HOSTNAME, _check_string("hostname", hostname))
+    if machine_id is not None:
+        if not is_machine_id(machine_id):
+            raise ValueError("machine_id must be 32 lowercase hex digits")
+        payload += _tlv(SetupTag.MACHINE_ID, bytes(machine_id))
     return encode_frame(FrameType.HELLO, 0, payload)
+
+
+def is_machine_id(value: bytes) -> bool:
+    """/etc/machine-id's format: 32 lowercase hex digits (systemd's machine-id(5))."""
+    return len(value) == 32 and all(c in b"0123456789abcdef" for c in value)
 
 
 def encode_exec(
@@ -607,10 +618,12 @@ class Connection:
         time_ns: int | None = None,
         entropy: bytes | None = None,
         hostname: bytes | None = None,
+        machine_id: bytes | None = None,
     ) -> bytes:
         if self._hello_sent:
             raise AgentError("HELLO was already sent on this connection; open a new one")
-        out = encode_hello(self._nonce, time_ns=time_ns, entropy=entropy, hostname=hostname)
+        out = encode_hello(self._nonce, time_ns=time_ns, entropy=entropy, hostname=hostname,
+                           machine_id=machine_id)
         self._hello_sent = True
         return out
 

@@ -45,7 +45,8 @@ def test_frame_header_layout_is_little_endian_sm_magic():
 
 
 def test_hello_with_all_setup_fields():
-    frame = p.encode_hello(NONCE, time_ns=123, entropy=b"e" * 16, hostname=b"box")
+    frame = p.encode_hello(NONCE, time_ns=123, entropy=b"e" * 16, hostname=b"box",
+                           machine_id=b"0123456789abcdef" * 2)
     payload = frame[12:]
     assert struct.unpack_from("<I", payload)[0] == 1
     assert payload[4:20] == NONCE
@@ -53,13 +54,16 @@ def test_hello_with_all_setup_fields():
         (1, struct.pack("<Q", 123)),
         (2, b"e" * 16),
         (3, b"box"),
+        (4, b"0123456789abcdef" * 2),
     ]
     assert p.encode_hello(NONCE)[12:] == struct.pack("<I", 1) + NONCE
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"entropy": b"x" * 15}, {"entropy": b"x" * 513}, {"hostname": b""}, {"hostname": b"h" * 65}],
+    [{"entropy": b"x" * 15}, {"entropy": b"x" * 513}, {"hostname": b""}, {"hostname": b"h" * 65},
+     {"machine_id": b"0" * 31}, {"machine_id": b"0" * 33}, {"machine_id": b"A" * 32},
+     {"machine_id": b"g" * 32}],
 )
 def test_hello_rejects_out_of_range_setup(kwargs):
     with pytest.raises(ValueError):

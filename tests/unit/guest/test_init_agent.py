@@ -59,7 +59,7 @@ def test_handshake_echoes_nonce_and_answers_ping() -> None:
         nonce = os.urandom(16)
         # Setup fields are validated (and only applied inside a VM).
         setup = tlv(1, struct.pack("<Q", time.time_ns())) + tlv(2, os.urandom(32))
-        setup += tlv(3, b"box")
+        setup += tlv(3, b"box") + tlv(4, os.urandom(16).hex().encode())
         a.hello(nonce, setup)
         a.send(frame(PING, 0, struct.pack("<Q", 0xDEADBEEF12345678)))
         assert a.expect(PONG).payload == struct.pack("<Q", 0xDEADBEEF12345678)

@@ -69,6 +69,13 @@ MALFORMED = {
     "too many ARGV": frame(EXEC, 1, tlv(1, b"") * 4097),
     "HELLO bad version": frame(HELLO, 0, struct.pack("<I", 2) + b"\0" * 16),
     "HELLO bad setup": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(2, b"short")),
+    "HELLO machine id too short": frame(
+        HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(4, b"ab" * 15)
+    ),
+    "HELLO machine id not lowercase hex": frame(
+        HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(4, b"ABCDEF0123456789" * 2)
+    ),
+    "HELLO unknown setup tag": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(5, b"x")),
     "HELLO repeated setup": frame(
         HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(3, b"a") + tlv(3, b"b")
     ),

@@ -574,6 +574,33 @@ static void on_exec(struct agent *a, uint32_t ch, const uint8_t *p, size_t n)
 
 /* ---- control frames ----------------------------------------------------------------- */
 
+/* machine-id(5): 32 lowercase hex digits. */
+static bool is_machine_id(const uint8_t *p, uint32_t len)
+{
+	if (len != 32)
+		return false;
+	for (uint32_t i = 0; i < len; i++)
+		if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
+			return false;
+	return true;
+}
+
+/* Replaces the image's /etc/machine-id (a file, or a link systemd images point elsewhere)
+ * with a new read-only file; the root is the VM's private overlay, so nothing else sees it. */
+static void write_machine_id(const uint8_t *id, bool debug)
+{
+	char text[33];
+	memcpy(text, id, 32);
+	text[32] = '\n';
+	mkdir("/etc", 0755);
+	unlink("/etc/machine-id");
+	int fd = open("/etc/machine-id", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0444);
+	if (fd < 0 || write(fd, text, sizeof(text)) != (ssize_t)sizeof(text))
+		sm_log(debug, "/etc/machine-id: %s", strerror(errno));
+	if (fd >= 0)
+		close(fd);
+}
+
 static void on_hello(struct agent *a, const uint8_t *p, size_t n)
 {
 	if (n < 4 + SM_NONCE) {
@@ -587,8 +614,8 @@ static void on_hello(struct agent *a, const uint8_t *p, size_t n)
 		proto_error(a, m);
 		return;
 	}
-	const uint8_t *f[4] = {0};
-	uint32_t flen[4] = {0};
+	const uint8_t *f[5] = {0};
+	uint32_t flen[5] = {0};
 	for (size_t i = 4 + SM_NONCE; i < n;) {
 		if (n - i < 6) {
 			proto_error(a, "HELLO: truncated setup field");
@@ -597,9 +624,10 @@ static void on_hello(struct agent *a, const uint8_t *p, size_t n)
 		uint16_t tag = get16(p + i);
 		uint32_t len = get32(p + i + 2);
 		i += 6;
-		if (len > n - i || tag < 1 || tag > 3 || f[tag] ||
+		if (len > n - i || tag < 1 || tag > 4 || f[tag] ||
 		    (tag == 1 && len != 8) || (tag == 2 && (len < 16 || len > 512)) ||
-		    (tag == 3 && (len < 1 || len > 64))) {
+		    (tag == 3 && (len < 1 || len > 64)) ||
+		    (tag == 4 && !is_machine_id(p + i, len))) {
 			proto_error(a, "HELLO: bad setup field (unknown, repeated or bad length)");
 			return;
 		}
@@ -636,6 +664,8 @@ static void on_hello(struct agent *a, const uint8_t *p, size_t n)
 		}
 		if (f[3] && sethostname((const char *)f[3], flen[3]) < 0)
 			sm_log(a->o.debug, "sethostname: %s", strerror(errno));
+		if (f[4])
+			write_machine_id(f[4], a->o.debug);
 	}
 	a->hello = true;
 	emit(a, T_HELLO, 0, 0, p, 4 + SM_NONCE); /* version 1 + the nonce echoed */
