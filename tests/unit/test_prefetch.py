@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from tests.unit.images.test_elf import build_elf
-
 from supermachine import prefetch
 from supermachine.prefetch import prefetch_command
+from tests.unit.images.test_elf import build_elf
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
 BASE = {"/etc/passwd": b"root:x:0:0::/root:/bin/sh\n", "/etc/group": b"root:x:0:\n"}
