@@ -288,7 +288,7 @@ class VM:
     def _prefetch_default_command(self, client: AgentClient) -> None:
         """Cache the image's default program and its libraries in the guest before a bake,
         so restored VMs start it without reading the squashfs (see prefetch.py)."""
-        from .prefetch import prefetch_command
+        from . import prefetch
 
         cfg = self.image.config
         try:
@@ -308,7 +308,10 @@ class VM:
                 return None
 
         t0 = time.monotonic()
-        fetched = prefetch_command(read, work.argv, path_env=path_env, cwd=work.cwd)
+        # An eighth of guest RAM at most: the cache must leave the workload room.
+        budget = min(prefetch.MAX_BYTES, (self.memory_mib << 20) // 8)
+        fetched = prefetch.prefetch_command(read, work.argv, path_env=path_env,
+                                            cwd=work.cwd, max_bytes=budget)
         log.debug("prefetched %s in %.0f ms", fetched, (time.monotonic() - t0) * 1000)
 
     def _launch(self, config, *, personal: bool = True):
