@@ -276,19 +276,20 @@ def read_module(path: Path) -> bytes:
 
 
 def build_initramfs(
-    init: Path,
+    init: Path | bytes,
     modules_dir: Path | None,
     modules: Sequence[str],
     *,
     optional: Iterable[str] = (),
     compression: str = DEFAULT_COMPRESSION,
 ) -> bytes:
-    """The guest initramfs: ``init`` as /init, plus ``modules`` (names) and their dependencies.
+    """The guest initramfs: ``init`` (a path or its content) as /init, plus ``modules``
+    (names) and their dependencies.
 
     With ``modules_dir`` None no modules are packed (a kernel with its drivers built in).
     """
     try:
-        init_bytes = init.read_bytes()
+        init_bytes = init if isinstance(init, bytes) else init.read_bytes()
     except OSError as e:
         raise GuestError(f"cannot read guest init {init}: {e.strerror}") from e
     entries = [file_entry("init", init_bytes, 0o755), chardev_entry("dev/console", 5, 1)]

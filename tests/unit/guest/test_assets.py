@@ -49,6 +49,27 @@ def test_generated_initrd_is_cached_and_unpacks(setup: tuple[Home, Path, Path]) 
     assert "init" in names and "sm/modules" in names and "dev/console" in names
 
 
+def test_initrd_packs_the_init_it_is_keyed_by(setup: tuple[Home, Path, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The init is rewritten while the initramfs is being built (a reinstall while VMs
+    # start): the cached initrd must hold the bytes its key was computed from.
+    home, vmlinuz, init = setup
+    build = a.initramfs.build_initramfs
+
+    def racing_build(init_arg, *args, **kw):
+        init.write_bytes(b"\x7fELF init v2, half-writ")
+        return build(init_arg, *args, **kw)
+
+    monkeypatch.setattr(a.initramfs, "build_initramfs", racing_build)
+    first = a.ensure_guest_assets(home, kernel=vmlinuz, init=init, tsc_khz=2_000_000)
+    out = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "init"],
+                         input=first.initrd.read_bytes(), capture_output=True, check=True)
+    assert out.stdout == b"\x7fELF init v1"
+    monkeypatch.setattr(a.initramfs, "build_initramfs", build)
+    second = a.ensure_guest_assets(home, kernel=vmlinuz, init=init, tsc_khz=2_000_000)
+    assert second.initrd != first.initrd and second.fingerprint != first.fingerprint
+
+
 def test_fingerprint_tracks_kernel_initrd_init_and_cmdline(
     setup: tuple[Home, Path, Path], tmp_path: Path
 ) -> None:
