@@ -274,7 +274,12 @@ static int exec_search(const char *file, char *const argv[], char *const envp[])
 			} else {
 				memcpy(full, file, flen + 1);
 			}
-			execve(full, argv, envp);
+			/* A failed execve costs a whole new mm (set up before the file is even
+			 * looked up): ~0.5 ms each under TCG. A missing file is told far cheaper. */
+			if (access(full, F_OK) < 0 && (errno == ENOENT || errno == ENOTDIR))
+				errno = ENOENT;
+			else
+				execve(full, argv, envp);
 			if (errno == EACCES)
 				result = EACCES; /* keep looking, but remember it */
 			else if (errno != ENOENT && errno != ENOTDIR)
