@@ -121,10 +121,13 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _child_setup() -> None:
+def _child_setup(parent: int) -> None:
     # Runs in the forked child before exec: die with the launching thread, and keep the
     # terminal's signals (Ctrl-C) away from QEMU: the VM owner decides when it stops.
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        # The launcher was killed between fork and prctl: no signal will ever come.
+        os._exit(1)
     os.setpgid(0, 0)
 
 
@@ -290,7 +293,8 @@ class QemuMachine(Machine):
             try:
                 self._proc = _spawn(lambda: subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=con_guest.fileno(),
-                    stderr=con_guest.fileno(), pass_fds=fds, preexec_fn=_child_setup,
+                    stderr=con_guest.fileno(), pass_fds=fds,
+                    preexec_fn=functools.partial(_child_setup, os.getpid()),
                 ))
             except OSError as e:
                 raise EngineError(f"cannot start {qemu}: {e.strerror}") from e
@@ -404,7 +408,8 @@ class QemuMachine(Machine):
                 self._passt = _spawn(lambda: subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
                     stderr=None if self.config.verbose else subprocess.DEVNULL,
-                    pass_fds=[ours.fileno()], preexec_fn=_child_setup))
+                    pass_fds=[ours.fileno()],
+                    preexec_fn=functools.partial(_child_setup, os.getpid())))
             except OSError as e:
                 raise EngineError(f"cannot start passt: {e.strerror}") from e
         finally:

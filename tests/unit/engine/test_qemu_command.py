@@ -1,11 +1,13 @@
-"""The QEMU command line for boots and restores (no QEMU started)."""
+"""The QEMU command line for boots and restores (no QEMU started), and the launch child setup."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from supermachine.engine import qemu
 from supermachine.engine.base import MachineConfig
 from supermachine.engine.qemu import build_command
 
@@ -71,3 +73,21 @@ def test_restore_without_state_fd_is_a_programming_error():
     with pytest.raises(ValueError):
         build_command(config(incoming_state=Path("/s/state")), qemu="q", agent_fd=3,
                       qmp_fd=4, console_fd=5)
+
+
+def _fork_child_setup(parent: int) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (child)
+        try:
+            qemu._child_setup(parent)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_child_setup_gives_up_when_the_launcher_died_before_prctl():
+    # The child's parent is not the launcher it was forked for (it died between fork and
+    # PR_SET_PDEATHSIG): no death signal would ever come, so the child must not run QEMU.
+    assert _fork_child_setup(os.getpid()) == 0
+    assert _fork_child_setup(os.getpid() + 1_000_000) == 1
