@@ -31,7 +31,7 @@ __all__ = ["VM", "ExecResult", "ExitStatus", "Process"]
 
 SNAPSHOT_PREFIX = "snapshot:"
 DEFAULT_BOOT_TIMEOUT = 120.0  # TCG on a loaded 2-core machine can be slow; KVM takes <1 s
-PREFETCH_SECONDS = 10.0  # bound on warming a snapshot's page cache (~0.3 s for python)
+PREFETCH_SECONDS = 10.0  # bound on warming a snapshot's page cache (~0.5 s for python)
 
 
 def _boot_failure_summary(console: str) -> str:
@@ -386,7 +386,8 @@ class VM:
 
         `VM("snapshot:NAME")` and `supermachine run snapshot:NAME` then start from it. The VM
         keeps running; processes of its own continue, and in restored copies every channel
-        that was open now is gone (their processes are killed on restore).
+        that was open now is gone (their processes are killed on restore). Copies keep this
+        VM's hostname and /etc/machine-id unless they ask for their own.
         """
         machine = self._machine
         if machine is None or not self.running:
