@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,7 +22,14 @@ from .agent.client import AgentClient, ExecResult, ExitStatus, GuestFileError, P
 from .agent.protocol import Stream
 from .errors import AgentError, Error, SnapshotError, UsageError, VMError
 from .home import Home
-from .workload import parse_cpus, parse_hostname, parse_machine_id, parse_memory, resolve
+from .workload import (
+    parse_cpus,
+    parse_hostname,
+    parse_machine_id,
+    parse_memory,
+    random_machine_id,
+    resolve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +332,7 @@ class VM:
             machine.kill()
             raise
         try:
-            machine_id = uuid.uuid4().hex if self._machine_id is True else self._machine_id
+            machine_id = random_machine_id() if self._machine_id is True else self._machine_id
             client.hello(self._boot_timeout, time_ns=time.time_ns(), entropy=os.urandom(64),
                          hostname=self._hostname if personal else None,
                          machine_id=machine_id if personal else None)

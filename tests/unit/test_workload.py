@@ -11,6 +11,7 @@ from supermachine.workload import (
     parse_hostname,
     parse_machine_id,
     parse_memory,
+    random_machine_id,
     resolve,
 )
 
@@ -107,3 +108,10 @@ def test_parse_hostname():
     for bad in ("", "h" * 65, "a\0b", "é" * 33):  # the limit is 64 bytes, not characters
         with pytest.raises(UsageError, match="hostname"):
             parse_hostname(bad)
+
+
+def test_random_machine_ids_are_v4_shaped_and_distinct():
+    ids = {random_machine_id() for _ in range(200)}
+    assert len(ids) == 200
+    for i in ids:
+        assert parse_machine_id(i) == i and i[12] == "4" and i[16] in "89ab"
