@@ -24,7 +24,6 @@ from pathlib import Path
 
 from ..errors import ImageError
 from ..home import Home, atomic_path, disk_full_message, file_lock
-from .flatten import flatten
 from .model import Image
 
 TAR2SQFS = "tar2sqfs"
@@ -62,6 +61,8 @@ def build_squashfs(image: Image, final: Path) -> None:
 
 
 def _run_tar2sqfs(exe: str, image: Image, tmp: Path) -> None:
+    from .flatten import flatten  # only builds need it (and zstandard)
+
     cmd = [exe, "--quiet", "--force", "--no-skip", "-c", COMPRESSOR, "-b", str(BLOCK_SIZE)]
     cmd += ["-j", str(max(1, min(4, os.cpu_count() or 1))), str(tmp)]
     proc = subprocess.Popen(
