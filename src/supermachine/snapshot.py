@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -183,8 +184,6 @@ Bake = Callable[[Path, Path], None]  # bake(mem_path, state_path)
 
 def _publish(root: Path, final: Path, inputs: dict[str, Any], bake: Bake,
              extra: dict[str, Any]) -> Snapshot:
-    import tempfile  # bakes only: keeps it off every restore's start-up
-
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         mem, state = tmp / "mem", tmp / "state"
