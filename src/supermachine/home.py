@@ -147,6 +147,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a byte range of a file (it reads back as zeros); False where the
+    filesystem cannot (EOPNOTSUPP) or libc has no fallocate."""
+    import ctypes  # rare (snapshot bakes): kept off the start-up path
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = getattr(libc, "fallocate", None)
+    if fallocate is None:
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
 def disk_full_message(e: OSError, what: Path) -> str:
     if e.errno == errno.ENOSPC:
         return f"out of disk space while writing {what}; free some space (try `supermachine prune`)"

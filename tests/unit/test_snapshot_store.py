@@ -208,3 +208,22 @@ def test_discarded_auto_snapshot_is_baked_again(tmp_path):
     assert not s.path.exists()
     _, baked = snap.ensure_auto(home, INPUTS, fake_bake)
     assert baked
+
+
+def test_zero_blocks_become_holes_and_the_digest_stays(tmp_path):
+    mem = tmp_path / "mem"
+    block = snap.BLOCK
+    with open(mem, "wb") as f:
+        f.write(b"\x01" * block)          # data
+        f.write(bytes(3 * block))         # written zeros: three blocks to punch
+        f.seek(6 * block)                 # a hole already
+        f.write(b"\x00" * 100 + b"\x02")  # a block with data at its end
+        f.write(bytes(block - 101))
+        f.write(bytes(block))             # more written zeros, up to the end
+    before_blocks, digest, content = mem.stat().st_blocks, snap.content_digest(mem), \
+        mem.read_bytes()
+    covered = snap.punch_zero_blocks(mem)
+    assert covered == 4 * block
+    assert mem.read_bytes() == content and mem.stat().st_size == len(content)
+    assert snap.content_digest(mem) == digest
+    assert mem.stat().st_blocks <= before_blocks - 4 * block // 512
