@@ -140,17 +140,6 @@ def _sha256(path: Path, limit: int = _MAX_INITRD) -> str:
     return h.hexdigest()
 
 
-def _read_init(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_INITRD + 1)
-    except OSError as e:
-        raise GuestError(f"cannot read guest init {path}: {e.strerror}") from e
-    if len(data) > _MAX_INITRD:
-        raise GuestError(f"{path} is over {_MAX_INITRD >> 20} MiB; is it the right file?")
-    return data
-
-
 def _generated_initrd(
     home: Home, kern: Kernel, init: bytes, init_sha: str, compression: str
 ) -> Path:
@@ -205,7 +194,8 @@ def ensure_guest_assets(
     if initrd is None:
         # Hashed and packed from one read: an init rewritten meanwhile (a reinstall while
         # VMs start) must not leave a cached initrd whose content differs from its key.
-        init_bytes = _read_init(init if init is not None else init_binary())
+        init_bytes = initramfs.read_capped(init if init is not None else init_binary(),
+                                            _MAX_INITRD, "guest init")
         init_sha = hashlib.sha256(init_bytes).hexdigest()
         initrd_path = _generated_initrd(home, kern, init_bytes, init_sha, compression)
     else:

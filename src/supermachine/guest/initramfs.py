@@ -246,15 +246,21 @@ def load_order(
     return order
 
 
-def read_module(path: Path) -> bytes:
-    """A module's ELF bytes, decompressing .ko.xz/.ko.gz/.ko.zst (the guest loads plain ELF)."""
+def read_capped(path: Path, limit: int, what: str) -> bytes:
+    """A whole file of at most ``limit`` bytes, read once; GuestError naming ``what``."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(_MAX_MODULE_SIZE + 1)
+            data = f.read(limit + 1)
     except OSError as e:
-        raise GuestError(f"cannot read kernel module {path}: {e.strerror}") from e
-    if len(raw) > _MAX_MODULE_SIZE:
-        raise GuestError(f"kernel module {path} is implausibly large; check the modules dir")
+        raise GuestError(f"cannot read {what} {path}: {e.strerror}") from e
+    if len(data) > limit:
+        raise GuestError(f"{what} {path} is over {limit >> 20} MiB; is it the right file?")
+    return data
+
+
+def read_module(path: Path) -> bytes:
+    """A module's ELF bytes, decompressing .ko.xz/.ko.gz/.ko.zst (the guest loads plain ELF)."""
+    raw = read_capped(path, _MAX_MODULE_SIZE, "kernel module")
     try:
         if path.name.endswith(".ko.xz"):
             raw = lzma.decompress(raw)
