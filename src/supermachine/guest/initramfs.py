@@ -180,14 +180,8 @@ def parse_modules_dep(text: str) -> dict[str, list[str]]:
 
 
 def read_modules_dep(modules_dir: Path) -> dict[str, list[str]]:
-    path = modules_dir / "modules.dep"
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_MODULES_DEP + 1)
-    except OSError as e:
-        raise GuestError(f"cannot read {path}: {e.strerror}; run depmod or pass --initrd") from e
-    if len(raw) > _MAX_MODULES_DEP:
-        raise GuestError(f"{path} is larger than {_MAX_MODULES_DEP} bytes; is it a modules.dep?")
+    raw = read_capped(modules_dir / "modules.dep", _MAX_MODULES_DEP, "module index",
+                      hint="; run depmod or pass --initrd")
     return parse_modules_dep(raw.decode("utf-8", "replace"))
 
 
@@ -246,13 +240,14 @@ def load_order(
     return order
 
 
-def read_capped(path: Path, limit: int, what: str) -> bytes:
-    """A whole file of at most ``limit`` bytes, read once; GuestError naming ``what``."""
+def read_capped(path: Path, limit: int, what: str, *, hint: str = "") -> bytes:
+    """A whole file of at most ``limit`` bytes, read once; GuestError naming ``what``
+    (``hint`` is added to a failed read's message)."""
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as e:
-        raise GuestError(f"cannot read {what} {path}: {e.strerror}") from e
+        raise GuestError(f"cannot read {what} {path}: {e.strerror}{hint}") from e
     if len(data) > limit:
         raise GuestError(f"{what} {path} is over {limit >> 20} MiB; is it the right file?")
     return data
