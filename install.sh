@@ -12,7 +12,7 @@ APT_PACKAGES=(
   qemu-system-x86 squashfs-tools-ng musl-tools gcc make libc6-dev
   python3 python3-venv python3-dev
   busybox-static skopeo umoci mmdebstrap docker-registry erofs-utils cpio zstd
-  apache2-utils openssl kmod passt util-linux procps lz4
+  apache2-utils openssl kmod passt util-linux procps lz4 binutils
 )
 
 need=()
