@@ -675,14 +675,17 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .bake import bake_version
     from .engine.qemu import QemuEngine
+    from .guest.kernel import prune_stale_layouts
     from .images import store
     from .images.progress import human_size
     from .snapshot import prune_auto
 
     home = _home(args)
     result = store.prune(home)
-    snapshots = prune_auto(home, QemuEngine().identity())
+    snapshots = prune_auto(home, QemuEngine().identity(), bake_version())
+    prune_stale_layouts(home)
     print(f"Deleted {result.blobs_removed} blobs and {len(snapshots)} stale automatic "
           f"snapshots, reclaimed {human_size(result.bytes_freed)} of blobs")
     return 0

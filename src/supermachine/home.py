@@ -11,9 +11,16 @@ Layout (all under ``Home.root``)::
     vms/<name>/                 state of detached VMs
     tmp/                        scratch space; every entry is removed by its owner, and
                                 entries of dead processes are swept on start
+    downloads/                  downloaded inputs (the guest kernel's .deb), verified by
+                                digest before use and shared by every version of the code
 
 ``SUPERMACHINE_HOME`` overrides the root; otherwise ``$XDG_CACHE_HOME/supermachine``
-(default ``~/.cache/supermachine``).
+(default ``~/.cache/supermachine``). ``SUPERMACHINE_DOWNLOADS`` puts ``downloads/``
+elsewhere, so several homes (test sessions, benchmarks) share what was downloaded and
+nothing that was built.
+
+Everything built from inputs is keyed by those inputs and by the version of the code that
+built it (`codeversion`), so an upgrade rebuilds what its changes touch.
 
 Everything is written atomically (write to a temp file in the same directory, fsync, rename)
 and guarded by ``flock`` locks so concurrent processes never see half-written entries.
@@ -85,6 +92,18 @@ class Home:
     @property
     def tmp(self) -> Path:
         return self._dir("tmp")
+
+    @property
+    def downloads(self) -> Path:
+        shared = os.environ.get("SUPERMACHINE_DOWNLOADS")
+        if shared:
+            path = Path(shared).expanduser()
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise Error(f"cannot create {path}: {e.strerror}") from e
+            return path
+        return self._dir("downloads")
 
     def blob_path(self, digest: str) -> Path:
         """Path of a blob in the store; ``digest`` must already be validated."""

@@ -38,9 +38,6 @@ from .errors import SnapshotError, UsageError
 from .home import Home, atomic_write_bytes, file_lock, punch_hole, sha256_file
 
 FORMAT = 1
-#: How automatic snapshots are baked; older ones are rebaked and pruned.
-#: 2: the image's default command and its libraries are in the guest page cache.
-AUTO_BAKE = 2
 MAX_META = 1 << 20
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
 
@@ -249,11 +246,11 @@ def ensure_auto(home: Home, inputs: dict[str, Any], bake: Bake,
     """The automatic snapshot for ``inputs``, baked on first use. Returns (snapshot, baked).
 
     Concurrent processes bake it once (file lock). A snapshot that fails verification is
-    reported through ``on_invalid`` and baked again.
+    reported through ``on_invalid`` and baked again. ``inputs`` holds everything the
+    snapshot depends on, the version of the bake procedure included (bake.py).
     """
     root = home.snapshots / "auto"
     root.mkdir(exist_ok=True)
-    inputs = {**inputs, "bake": AUTO_BAKE}
     fp = fingerprint(inputs)
     final = root / fp
     with file_lock(root / f".{fp}.lock"):
@@ -281,10 +278,10 @@ def discard_auto(home: Home, snap: Snapshot) -> None:
         shutil.rmtree(snap.path, ignore_errors=True)
 
 
-def prune_auto(home: Home, engine_identity: str) -> list[Path]:
+def prune_auto(home: Home, engine_identity: str, bake_version: str) -> list[Path]:
     """Delete automatic snapshots that can never be restored again: made by another QEMU
-    build or machine layout, baked the old way, or for a root filesystem that is gone or
-    was rebuilt.
+    build or machine layout, by another version of the bake procedure, or for a root
+    filesystem that is gone or was rebuilt.
     (Snapshots still in use by running VMs stay mapped; their files vanish with them.)"""
     root = home.snapshots / "auto"
     removed = []
@@ -299,7 +296,7 @@ def prune_auto(home: Home, engine_identity: str) -> list[Path]:
                            if k in ("ino", "size", "mtime_ns")} if rootfs.is_file() else None
                 stale = snap.inputs.get("engine") != engine_identity or \
                     current != snap.inputs.get("rootfs") or \
-                    snap.inputs.get("bake") != AUTO_BAKE
+                    snap.inputs.get("bake") != bake_version
             except (SnapshotError, OSError):
                 stale = True
             if stale:

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from . import bake as bake_mod
 from . import snapshot as snapshot_mod
-from .agent.client import AgentClient, ExecResult, ExitStatus, GuestFileError, Process
+from .agent.client import AgentClient, ExecResult, ExitStatus, Process
 from .agent.protocol import Stream
 from .errors import AgentError, Error, SnapshotError, UsageError, VMError
 from .home import Home
@@ -37,7 +38,6 @@ __all__ = ["VM", "ExecResult", "ExitStatus", "Process"]
 
 SNAPSHOT_PREFIX = "snapshot:"
 DEFAULT_BOOT_TIMEOUT = 120.0  # TCG on a loaded 2-core machine can be slow; KVM takes <1 s
-PREFETCH_SECONDS = 10.0  # bound on warming a snapshot's page cache (~0.5 s for python)
 
 
 def _boot_failure_summary(console: str) -> str:
@@ -270,55 +270,19 @@ class VM:
     def _auto_snapshot(self, inputs: dict) -> snapshot_mod.Snapshot | None:
         """The automatic snapshot for this VM's configuration, baked by a first boot."""
         def bake(mem: Path, state: Path) -> None:
-            config = dataclasses.replace(self._config, memory_file=mem, memory_shared=True,
-                                         network=self._unpublished())
-            machine, client = self._launch(config, personal=False)
-            try:
-                self._prefetch_default_command(client)
-                machine.save_state(state)
-            finally:
-                client.close()
-                machine.kill()
+            bake_mod.bake_auto(self._launch, self._config, self.image.config,
+                               self.memory_mib, mem, state)
 
         try:
             snap, baked = snapshot_mod.ensure_auto(
-                self.home, inputs, bake, on_invalid=self._notice,
-                extra={"rootfs_path": str(self._config.rootfs)})
+                self.home, {**inputs, "bake": bake_mod.bake_version()}, bake,
+                on_invalid=self._notice, extra={"rootfs_path": str(self._config.rootfs)})
         except SnapshotError as e:
             self._notice(f"{e}; booting without a snapshot")
             return None
         if baked:
             log.info("baked snapshot %s", snap.path)
         return snap
-
-    def _prefetch_default_command(self, client: AgentClient) -> None:
-        """Cache the image's default program and its libraries in the guest before a bake,
-        so restored VMs start it without reading the squashfs (see prefetch.py)."""
-        from . import prefetch
-
-        cfg = self.image.config
-        try:
-            work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
-                           working_dir=cfg.working_dir, user=cfg.user)
-        except UsageError:
-            return  # no default command: nothing to warm
-        path_env = next((e[5:] for e in work.env if e.startswith("PATH=")), "")
-        deadline = time.monotonic() + PREFETCH_SECONDS
-
-        def read(path: str, max_size: int) -> bytes | None:
-            if time.monotonic() > deadline:
-                return None
-            try:
-                return client.read_file(path, max_size=max_size)
-            except GuestFileError:
-                return None
-
-        t0 = time.monotonic()
-        # An eighth of guest RAM at most: the cache must leave the workload room.
-        budget = min(prefetch.MAX_BYTES, (self.memory_mib << 20) // 8)
-        fetched = prefetch.prefetch_command(read, work.argv, path_env=path_env,
-                                            cwd=work.cwd, max_bytes=budget)
-        log.debug("prefetched %s in %.0f ms", fetched, (time.monotonic() - t0) * 1000)
 
     def _launch(self, config, *, personal: bool = True):
         """Start a machine and wait for its guest agent's HELLO; failures name the cause.

@@ -16,7 +16,7 @@ from supermachine.home import Home
 
 MIB = 1 << 20
 INPUTS = {"format": snap.FORMAT, "guest": "g1", "image": "sha256:aa", "memory_mib": 4,
-          "cpus": 1, "accel": "tcg", "engine": "QEMU 7.2"}
+          "cpus": 1, "accel": "tcg", "engine": "QEMU 7.2", "bake": "b1"}
 
 
 def fake_bake(mem: Path, state: Path) -> None:
@@ -163,7 +163,7 @@ def test_concurrent_processes_bake_once(tmp_path):
     assert out.read_text() == "baked\n"
     meta = json.loads(next((tmp_path / "h" / "snapshots" / "auto").glob("*/meta.json"))
                       .read_text())
-    assert meta["inputs"] == {**INPUTS, "bake": snap.AUTO_BAKE}
+    assert meta["inputs"] == INPUTS
 
 
 def test_digest_ignores_sparseness_even_with_small_holes(tmp_path):
@@ -189,14 +189,11 @@ def test_prune_removes_only_snapshots_that_can_never_be_restored(tmp_path):
                                      fake_bake, extra={"rootfs_path": str(rootfs)})
     gone_rootfs, _ = snap.ensure_auto(home, {**INPUTS, "rootfs": {"ino": 1}, "engine": "E1"},
                                       fake_bake, extra={"rootfs_path": str(rootfs)})
-    # baked the old way (before AUTO_BAKE): still valid input-wise, but never chosen again
+    # baked by another version of the bake code: never chosen again
     old_bake, _ = snap.ensure_auto(home, {**INPUTS, "rootfs": ident, "engine": "E1",
-                                          "cpus": 3}, fake_bake,
+                                          "bake": "0ld"}, fake_bake,
                                    extra={"rootfs_path": str(rootfs)})
-    meta = json.loads((old_bake.path / "meta.json").read_text())
-    meta["inputs"]["bake"] = snap.AUTO_BAKE - 1
-    (old_bake.path / "meta.json").write_text(json.dumps(meta))
-    removed = snap.prune_auto(home, "E1")
+    removed = snap.prune_auto(home, "E1", INPUTS["bake"])
     assert sorted(removed) == sorted([old_engine.path, gone_rootfs.path, old_bake.path])
     assert live.path.exists()
 

@@ -2,8 +2,9 @@
 
 ``ensure_guest_assets`` is the one entry point: it fetches (or takes) the kernel, builds the
 initramfs for it once (cached under ``home.guest`` by kernel, init binary, module list and
-builder version) and returns a ``GuestAssets``. Its ``fingerprint`` changes whenever anything
-that shapes the booted guest changes, so snapshots can be matched to the assets they need.
+a digest of the initramfs writer's code) and returns a ``GuestAssets``. Its ``fingerprint``
+changes whenever anything that shapes the booted guest changes, so snapshots can be matched
+to the assets they need.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..codeversion import code_version
 from ..errors import GuestError
 from ..home import Home, atomic_write_bytes, file_lock
 from . import initramfs
 from .kernel import GUEST_MODULES, OPTIONAL_MODULES, Kernel, fetch_kernel, kernel_from_path
 from .vmlinux import ensure_vmlinux
 
-#: bump when the initramfs layout or contents change for the same inputs
-BUILDER_VERSION = 2
+#: The code that writes an initramfs: its digest is part of every cached initrd's key.
+BUILDER_SOURCES = ("guest/initramfs.py",)
 
 INIT_DIR = Path(__file__).resolve().parent / "init"
 _MAX_INITRD = 1 << 30
@@ -144,7 +146,7 @@ def _generated_initrd(
     home: Home, kern: Kernel, init: bytes, init_sha: str, compression: str
 ) -> Path:
     key_material = {
-        "builder": BUILDER_VERSION,
+        "builder": code_version(*BUILDER_SOURCES),
         "kernel": kern.version,
         "kernel_sha256": kern.sha256,
         "init_sha256": init_sha,

@@ -5,12 +5,18 @@ versioned image package, ``apt-get download`` it (apt checks it against the sign
 check the .deb's sha256 against ``apt-cache show`` ourselves too, unpack it with
 ``dpkg-deb -x`` and keep only what the guest needs::
 
-    guest/kernel-<version>/vmlinuz
-    guest/kernel-<version>/config
-    guest/kernel-<version>/kernel.json          where it came from, sha256 of vmlinuz
-    guest/kernel-<version>/modules/modules.{dep,order,builtin}
-    guest/kernel-<version>/modules/kernel/...   the guest's modules and their dependencies
+    downloads/<package>_<version>.deb           the package, kept (checked against apt's
+                                                SHA256 before every use)
+    guest/kernel-<version>-<layout>/vmlinuz
+    guest/kernel-<version>-<layout>/config
+    guest/kernel-<version>-<layout>/kernel.json         where it came from, sha256 of vmlinuz
+    guest/kernel-<version>-<layout>/modules/modules.{dep,order,builtin}
+    guest/kernel-<version>-<layout>/modules/kernel/...  the guest's modules and dependencies
     guest/<package>.json                        pointer to the directory above
+
+``<layout>`` is a digest of the code that assembles the directory (this module, and
+vmlinux.py, which extracts ``vmlinux`` into it): a newer version of that code assembles its
+own directory from the kept package, pinned to the same kernel version, without apt.
 
 The .deb carries no modules.dep (depmod runs at install time), so we write one for the kept
 modules from each module's ``.modinfo`` ``depends=`` field.
@@ -33,6 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..codeversion import code_version
 from ..errors import GuestError
 from ..home import Home, atomic_write_bytes, file_lock, sha256_file
 
@@ -61,6 +68,16 @@ _MAX_POINTER = 64 << 10
 _MAX_KERNEL = 256 << 20  # bigger than any real bzImage by far
 _MAX_MODULE = 64 << 20
 _MAX_MODULES = 512
+#: The code that assembles a kernel directory (vmlinux.py writes into it too).
+LAYOUT_SOURCES = ("guest/kernel.py", "guest/vmlinux.py")
+
+
+def layout_version() -> str:
+    return code_version(*LAYOUT_SOURCES)
+
+
+def kernel_dirname(release: str) -> str:
+    return f"kernel-{release}-{layout_version()}"
 
 
 @dataclass(frozen=True)
@@ -267,17 +284,27 @@ def resolve_package(meta: str = DEFAULT_PACKAGE) -> _Candidate:
     return _Candidate(name, version, sha, size, release)
 
 
-def _download(cand: _Candidate, work: Path) -> Path:
-    _run(["apt-get", "download", "-q", f"{cand.package}={cand.version}"], cwd=work, timeout=1800)
-    debs = list(work.glob("*.deb"))
-    if len(debs) != 1:
-        raise GuestError(f"apt-get download left {len(debs)} .deb files; {_HINT}")
-    deb = debs[0]
-    if cand.size and deb.stat().st_size != cand.size:
-        raise GuestError(f"{deb.name} has the wrong size; remove it and retry, {_HINT}")
-    if sha256_file(deb) != cand.sha256:
-        raise GuestError(f"{deb.name} does not match apt's SHA256; retry, {_HINT}")
-    return deb
+def _download(cand: _Candidate, downloads: Path) -> Path:
+    """The package's .deb in ``downloads``: the kept one if its SHA256 is apt's, else fetched."""
+    kept = downloads / f"{cand.package}_{cand.version}.deb"
+    with file_lock(downloads / f".{cand.package}.lock"):  # homes may share ``downloads``
+        with contextlib.suppress(OSError):
+            if sha256_file(kept) == cand.sha256:
+                return kept
+        with tempfile.TemporaryDirectory(dir=downloads, prefix=".tmp-download-") as work:
+            _run(["apt-get", "download", "-q", f"{cand.package}={cand.version}"],
+                 cwd=Path(work), timeout=1800)
+            debs = list(Path(work).glob("*.deb"))
+            if len(debs) != 1:
+                raise GuestError(f"apt-get download left {len(debs)} .deb files; {_HINT}")
+            deb = debs[0]
+            if cand.size and deb.stat().st_size != cand.size:
+                raise GuestError(f"{deb.name} has the wrong size; retry, {_HINT}")
+            if sha256_file(deb) != cand.sha256:
+                raise GuestError(f"{deb.name} does not match apt's SHA256; retry, {_HINT}")
+            os.chmod(deb, 0o644)  # a kernel is not secret; other users' homes may share it
+            os.replace(deb, kept)
+    return kept
 
 
 def _assemble(
@@ -334,9 +361,9 @@ def _from_record(home: Home, raw: bytes) -> Kernel | None:
     except (ValueError, KeyError, TypeError):
         return None
     if not (
-        isinstance(dirname, str)
-        and dirname == f"kernel-{version}"
-        and isinstance(version, str)
+        isinstance(version, str)
+        and isinstance(dirname, str)
+        and dirname == kernel_dirname(version)
         and _VERSION_RE.match(version)
         and isinstance(sha, str)
         and _SHA_RE.match(sha)
@@ -347,6 +374,38 @@ def _from_record(home: Home, raw: bytes) -> Kernel | None:
     if not vmlinuz.is_file():
         return None
     return Kernel(vmlinuz, version, sha, kdir / "modules")
+
+
+def prune_stale_layouts(home: Home) -> list[Path]:
+    """Delete kernel directories assembled by other versions of this code (the kept package
+    reassembles one when needed); waits for a fetch in progress."""
+    removed = []
+    with file_lock(home.guest / ".kernel.lock"):
+        suffix = f"-{layout_version()}"
+        for entry in home.guest.glob("kernel-*"):
+            if entry.is_dir() and not entry.name.endswith(suffix):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _pinned(home: Home, package: str) -> _Candidate | None:
+    """The package version an earlier fetch chose (kept across upgrades of this code, so a
+    new directory layout reassembles the same kernel instead of whatever apt has now)."""
+    try:
+        with open(_pointer(home, package), "rb") as f:
+            rec = json.loads(f.read(_MAX_POINTER))
+        cand = _Candidate(rec["package"], rec["package_version"], rec["deb_sha256"], 0,
+                          rec["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    fields = (cand.package, cand.version, cand.sha256, cand.release)
+    if not all(isinstance(f, str) for f in fields) or not (
+            _PKG_RE.match(cand.package) and _VERSION_RE.match(cand.version)
+            and _SHA_RE.match(cand.sha256) and _VERSION_RE.match(cand.release)
+            and cand.package == f"linux-image-{cand.release}"):
+        return None
+    return cand
 
 
 def cached_kernel(home: Home, package: str = DEFAULT_PACKAGE) -> Kernel | None:
@@ -376,18 +435,19 @@ def fetch_kernel(home: Home, package: str = DEFAULT_PACKAGE, *, refresh: bool = 
         # killed processes.
         for stale in home.guest.glob(".tmp-kernel-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        cand = resolve_package(package)
-        final = home.guest / f"kernel-{cand.release}"
+        cand = None if refresh else _pinned(home, package)
+        if cand is None:
+            cand = resolve_package(package)
+        final = home.guest / kernel_dirname(cand.release)
         existing = None
         with contextlib.suppress(OSError):
             existing = _from_record(home, (final / "kernel.json").read_bytes())
         if existing is None:
-            if final.exists():  # a leftover from an older layout or a damaged entry
+            if final.exists():  # a damaged entry
                 shutil.rmtree(final)
             with tempfile.TemporaryDirectory(dir=home.tmp, prefix="kernel-fetch-") as tmp:
-                work, unpacked = Path(tmp) / "deb", Path(tmp) / "root"
-                work.mkdir()
-                deb = _download(cand, work)
+                unpacked = Path(tmp) / "root"
+                deb = _download(cand, home.downloads)
                 stage = Path(tempfile.mkdtemp(dir=home.guest, prefix=f".tmp-{final.name}-"))
                 try:
                     _assemble(cand, deb, unpacked, stage, final.name)

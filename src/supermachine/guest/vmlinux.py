@@ -115,10 +115,13 @@ def ensure_vmlinux(vmlinuz: Path) -> Path | None:
             elf = _decompress(_payload(vmlinuz.read_bytes()))
             if len(elf) > MAX_VMLINUX or not has_pvh_entry(elf):
                 raise GuestError("the kernel has no PVH entry point")
-        except _NoTool:
-            return None
-        except (GuestError, OSError, ValueError, EOFError):
-            failed.touch()  # don't try again on every start; the bzImage works
+        except (_NoTool, OSError):
+            return None  # may work next time (a tool installed, memory or disk freed)
+        except (GuestError, ValueError, EOFError):
+            # This kernel cannot be unpacked by this code: don't try on every start (the
+            # bzImage works). The marker lives in the kernel directory, which is keyed by
+            # this code's version, so a newer version tries again.
+            failed.touch()
             return None
         with atomic_path(target) as tmp:
             tmp.write_bytes(elf)

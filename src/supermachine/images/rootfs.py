@@ -1,9 +1,11 @@
 """Build an image's squashfs root filesystem once, into the content-addressed rootfs cache.
 
-``<home>/rootfs/<config hex>.sqfs``: the config digest names the exact layer list (its
-``rootfs.diff_ids``), so it is a sound cache key. The flattened tar stream is piped into
-``tar2sqfs`` (squashfs-tools-ng, rootless), which writes a temp file renamed into place only
-after both sides succeeded, under a lock so racing processes build it once.
+``<home>/rootfs/<config hex>-<builder version>.sqfs``: the config digest names the exact
+layer list (its ``rootfs.diff_ids``), and the builder version is a digest of the code that
+flattens layers and runs tar2sqfs (`BUILDER_SOURCES`), so a fix to either rebuilds every
+image on its next use and never reuses a squashfs built the old way. The flattened tar
+stream is piped into ``tar2sqfs`` (squashfs-tools-ng, rootless), which writes a temp file
+renamed into place only after both sides succeeded, under a lock so racing processes build it once.
 
 Compression: lz4. Under TCG every guest CPU cycle is emulated, so decompression speed
 dominates reads from a page-cached image file. Measured on the python fixture (179 MiB of
@@ -22,6 +24,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from ..codeversion import code_version
 from ..errors import ImageError
 from ..home import Home, atomic_path, disk_full_message, file_lock
 from .model import Image
@@ -30,10 +33,28 @@ TAR2SQFS = "tar2sqfs"
 COMPRESSOR = "lz4"
 BLOCK_SIZE = 131072
 _STDERR_CAP = 64 << 10
+#: The code that turns an image into its squashfs (this module holds the tar2sqfs options).
+BUILDER_SOURCES = ("images/rootfs.py", "images/flatten.py")
+
+
+def builder_version() -> str:
+    return code_version(*BUILDER_SOURCES)
 
 
 def rootfs_path(image: Image, home: Home) -> Path:
-    return home.rootfs / f"{image.config_hex}.sqfs"
+    return home.rootfs / f"{image.config_hex}-{builder_version()}.sqfs"
+
+
+def prune_stale_builds(home: Home) -> list[Path]:
+    """Delete root filesystems built by other versions of the builder (never used again)."""
+    removed = []
+    suffix = f"-{builder_version()}.sqfs"
+    for path in home.rootfs.glob("*.sqfs"):
+        if not path.name.endswith(suffix):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def ensure_rootfs(image: Image, home: Home) -> Path:

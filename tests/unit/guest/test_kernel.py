@@ -124,7 +124,7 @@ def test_select_modules_follows_modinfo(tmp_path: Path) -> None:
 
 
 def write_cached_kernel(home: Home, release: str) -> Path:
-    kdir = home.guest / f"kernel-{release}"
+    kdir = home.guest / k.kernel_dirname(release)
     (kdir / "modules").mkdir(parents=True)
     (kdir / "vmlinuz").write_bytes(fake_bzimage(release))
     rec = {"dir": kdir.name, "version": release, "vmlinuz_sha256": "ab" * 32}

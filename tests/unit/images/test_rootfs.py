@@ -12,7 +12,7 @@ import pytest
 
 from supermachine.errors import ImageError
 from supermachine.home import Home
-from supermachine.images import ensure_rootfs, open_image
+from supermachine.images import ensure_rootfs, open_image, rootfs
 from supermachine.images.rootfs import rootfs_path
 from tests.fixtures import images as fx
 from tests.fixtures.images import layer_tar, tar_entry
@@ -43,7 +43,7 @@ def test_multilayer_squashfs(tmp_path: Path) -> None:
     home = Home(tmp_path / "home")
     img = open_image(str(fx.multilayer()), home)
     sqfs = ensure_rootfs(img, home)
-    assert sqfs == home.rootfs / f"{img.config_digest[7:]}.sqfs"
+    assert sqfs == home.rootfs / f"{img.config_digest[7:]}-{rootfs.builder_version()}.sqfs"
     names = listing(sqfs)
     assert "etc/removed" not in names and "opaque/lower" not in names
     assert {"opaque/upper", "data/link", "bin/busybox", "bin/sh"} <= names
