@@ -404,7 +404,7 @@ class VM:
 
     # ---- commands ---------------------------------------------------------------------------
 
-    def _defaults(self, env, cwd, user) -> tuple[list[str], str, str]:
+    def _defaults(self, env, cwd, user) -> tuple[list[str], str, str | None]:
         cfg = self.image.config
         merged = resolve(entrypoint=(), cmd=("true",), env=cfg.env, working_dir=cfg.working_dir,
                          user=cfg.user, env_overrides=_env_items(env), caller_env={})

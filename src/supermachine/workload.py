@@ -4,7 +4,10 @@ Pure functions, no I/O, so the docker semantics are unit-tested on their own:
 - ``--entrypoint`` replaces Entrypoint and drops the image's Cmd; CMD arguments replace Cmd.
 - ``-e KEY=VALUE`` overrides or adds; ``-e KEY`` copies KEY from the caller's environment
   (and is dropped if the caller has none), as docker does.
-- ``-w`` replaces WorkingDir (default ``/``); ``-u`` replaces User (default root).
+- ``-w`` replaces WorkingDir (default ``/``); ``-u`` replaces User. With neither a User nor
+  ``-u`` the workload runs as uid 0, gid 0 without looking at the image's /etc/passwd (which
+  a ``FROM scratch`` image does not have); only a user *name* needs that file.
+- No PATH in the image's Env or the overrides: docker's default PATH.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class Workload:
     argv: tuple[str, ...]
     env: tuple[str, ...]
     cwd: str
-    user: str
+    user: str | None  # None: uid 0, gid 0, no /etc/passwd needed (docker's default)
 
 
 def merge_env(base: Iterable[str], overrides: Iterable[str],
@@ -77,7 +80,7 @@ def resolve(*, entrypoint: Sequence[str], cmd: Sequence[str], env: Sequence[str]
         argv=argv,
         env=merge_env(env, env_overrides, caller_env if caller_env is not None else {}),
         cwd=cwd,
-        user=user_override if user_override is not None else (user or "root"),
+        user=user_override or user or None,
     )
 
 

@@ -49,7 +49,7 @@ def test_env_overrides_and_passthrough():
 def test_default_path_added_when_image_has_none():
     w = resolve(entrypoint=(), cmd=("sh",), env=(), working_dir="", user="")
     assert w.env == (f"PATH={DEFAULT_PATH}",)
-    assert w.cwd == "/" and w.user == "root"
+    assert w.cwd == "/" and w.user is None  # uid 0 without /etc/passwd, as docker does
 
 
 def test_no_command_is_a_usage_error():
