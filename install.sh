@@ -13,6 +13,8 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev
   busybox-static skopeo umoci mmdebstrap docker-registry erofs-utils cpio zstd
   apache2-utils openssl kmod passt util-linux procps lz4 binutils
+  # the docker-behaviour oracle in the tests (podman with runc) and the peers in bench/
+  podman runc runsc
 )
 
 need=()
