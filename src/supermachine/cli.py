@@ -15,8 +15,11 @@ import sys
 from collections.abc import Sequence
 
 from .errors import Error, UsageError, VMError
+from .interrupts import Interrupts
 
 PROG = "supermachine"
+#: SIGINT/SIGTERM/SIGHUP handling of this process (see interrupts.py)
+INTERRUPTS = Interrupts()
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -260,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stdin_piped = not os.isatty(0) if _fd_open(0) else False
     forward_stdin = args.interactive or stdin_piped
     machine = _machine(args)
-    with machine:
+    with INTERRUPTS.guarding(machine), machine:
         return machine.run_workload(
             cmd=args.cmd or None,
             entrypoint=args.entrypoint,
@@ -352,7 +355,7 @@ def _run_tty(args: argparse.Namespace) -> int:
 
     terminal.require_tty(0)
     machine = _machine(args)
-    with machine:
+    with INTERRUPTS.guarding(machine), machine:
         cfg = machine.image.config
         work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
                        working_dir=cfg.working_dir, user=cfg.user,
@@ -733,11 +736,6 @@ def _notice(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def _raise_exit(signum: int, _frame: object) -> None:
-    # Unwind through every `with` so the VM is torn down, then exit 128+N like a shell.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -746,16 +744,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_exit)
+    INTERRUPTS.install()
     try:
-        return args.func(args)
+        status = args.func(args)
+        # A signal killed the VM: whatever the workload's status, the run was interrupted.
+        return INTERRUPTS.exit_code if INTERRUPTS.exit_code is not None else status
     except Error as e:
+        if INTERRUPTS.exit_code is not None:
+            return INTERRUPTS.exit_code  # the error is the VM dying of the signal
         if args.debug:
             raise
         print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT raised by code run before main() installed ours
         if args.debug:
             raise
         return 130

@@ -120,6 +120,8 @@ class VM:
         self._stack: contextlib.ExitStack | None = None
         self._client: AgentClient | None = None
         self._machine = None
+        #: every machine this VM launched (the bake's too), for `kill_now`
+        self._launched: list = []
         self.image = None
         self.accel = None
 
@@ -290,6 +292,7 @@ class VM:
         ``personal`` applies this VM's hostname and machine id; a bake leaves them out, so
         the shared snapshot keeps the boot's defaults for VMs that ask for neither."""
         machine = self._engine.launch(config)
+        self._launched.append(machine)
         try:
             client = AgentClient(machine.agent)
         except BaseException:
@@ -350,6 +353,13 @@ class VM:
         if stack is not None:
             stack.close()
         self._client = None
+        self._launched = []
+
+    def kill_now(self) -> bool:
+        """Kill this VM's QEMU processes (a bake's included) and return at once, taking no
+        lock: safe inside a signal handler. Calls waiting on the VM then fail and unwind
+        through `close()` in their own thread. True if a machine was running."""
+        return any([m.kill_now() for m in tuple(self._launched)])
 
     def snapshot(self, name: str) -> snapshot_mod.Snapshot:
         """Save this running VM (as warmed up so far) as snapshot ``name``.

@@ -66,6 +66,12 @@ class Machine(abc.ABC):
         """Stop the machine now and release everything it holds. Idempotent."""
 
     @abc.abstractmethod
+    def kill_now(self) -> bool:
+        """Kill the monitor process and return at once, taking no lock and releasing
+        nothing: safe inside a signal handler. Whoever waits on the machine then sees it
+        exit and unwinds, calling `kill`. True if it was still running."""
+
+    @abc.abstractmethod
     def console_tail(self) -> str:
         """The last lines the guest console and the monitor printed (for error messages)."""
 

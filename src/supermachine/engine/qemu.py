@@ -443,6 +443,16 @@ class QemuMachine(Machine):
     def pid(self) -> int:
         return self._proc.pid
 
+    def kill_now(self) -> bool:
+        # returncode is set once the process is reaped: after that its pid may be reused.
+        if self._proc.returncode is not None:
+            return False
+        try:
+            os.kill(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
     def _control(self) -> QMPClient:
         self._qmp.handshake()
         return self._qmp
