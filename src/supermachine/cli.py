@@ -79,9 +79,20 @@ def _add_registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no pull progress output")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No prefix matching of long options, here and in every subcommand (the subparsers
+    are made of this class too): `run --init` must not silently mean `--initrd`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Run OCI/Docker images as isolated microVMs.")
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description="Run OCI/Docker images as isolated microVMs.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show boot output, QEMU's command line and tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="show boot output")

@@ -220,10 +220,17 @@ class RegistryClient:
         self._insecure = {h.lower() for h in insecure_registries}
         self._timeout = timeout
         self._credentials = credentials
-        try:
-            self._ssl = ssl.create_default_context(cafile=ca_file)
-        except (OSError, ssl.SSLError) as e:
-            raise RegistryError(f"cannot load CA file {ca_file}: {e}; check the path") from e
+        self._ca_file = ca_file
+        if ca_file is not None:  # a wrong path fails now, not at the first TLS connection
+            try:
+                with open(ca_file, "rb"):
+                    pass
+            except OSError as e:
+                raise RegistryError(f"cannot load CA file {ca_file}: {e}; check the path") \
+                    from e
+        # Built on the first TLS connection: loading the system CA store costs ~30 ms, which
+        # a plain-HTTP (loopback) registry never needs.
+        self._ssl: ssl.SSLContext | None = None
         self._lock = threading.Lock()
         self._pool: dict[_Origin, list[http.client.HTTPConnection]] = {}
         self._origin: _Origin | None = None  # decided by the first request
@@ -238,7 +245,7 @@ class RegistryClient:
 
     def _connect(self, origin: _Origin) -> http.client.HTTPConnection:
         if origin.scheme == "https":
-            ctx = self._ssl
+            ctx = self._verifying_context()
             if origin.host.lower() in self._insecure or origin.netloc in self._insecure:
                 # --insecure-registry means what it means for docker: HTTP, or HTTPS with
                 # an unverified certificate. Loopback alone does not skip verification.
@@ -247,6 +254,16 @@ class RegistryClient:
                 origin.host, origin.port, timeout=self._timeout, context=ctx
             )
         return http.client.HTTPConnection(origin.host, origin.port, timeout=self._timeout)
+
+    def _verifying_context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._ssl is None:
+                try:
+                    self._ssl = ssl.create_default_context(cafile=self._ca_file)
+                except (OSError, ssl.SSLError) as e:
+                    raise RegistryError(f"cannot load CA file {self._ca_file}: {e}; check "
+                                        "the path") from e
+            return self._ssl
 
     def _acquire(self, origin: _Origin) -> http.client.HTTPConnection:
         with self._lock:
