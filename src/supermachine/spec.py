@@ -1,0 +1,300 @@
+"""One typed description of a VM and of the workload run in it.
+
+`VMSpec` says which machine to make (image, memory, vCPUs, network, identity, ...);
+`WorkloadSpec` says what to run in it, as overrides of the image's config. Both are frozen,
+validated when made, and round-trip through JSON (``to_json``/``from_json``), so the Python
+API, the CLI, detached VMs' state files, the service and the OCI runtime all speak the same
+thing. Defaults live here and only here.
+
+``VMSpec.create`` takes what people type (``memory="1G"``, ``ports={8080: 80}``, ...) and
+normalises it; ``from_json`` takes untrusted JSON (state files, API clients) and is strict:
+unknown keys, wrong types and out-of-range values are one-line `UsageError`s. Pure code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import net
+from .errors import UsageError
+from .workload import (
+    Workload,
+    parse_cpus,
+    parse_hostname,
+    parse_machine_id,
+    parse_memory,
+    resolve,
+)
+
+SPEC_VERSION = 1
+DEFAULT_MEMORY = "512M"
+DEFAULT_MEMORY_MIB = 512
+ACCELS = ("auto", "kvm", "tcg")
+PULL_POLICIES = ("always", "missing", "never")
+
+# Bounds on what a spec may carry (specs come from untrusted JSON too).
+MAX_TEXT = 4096  # an image reference, a path, a user, a working directory
+MAX_ARG = 128 << 10  # one argument or environment entry (Linux's MAX_ARG_STRLEN)
+MAX_ARGS = 4096  # arguments, environment entries
+MAX_TOTAL = 1 << 20  # all arguments and environment together (well under ARG_MAX)
+MAX_LIST = 1024  # registries, allowed hosts
+
+
+def _text(value: object, what: str, *, limit: int = MAX_TEXT, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise UsageError(f"{what} must be a string, not {type(value).__name__}")
+    if not value and not empty:
+        raise UsageError(f"{what} must not be empty")
+    if len(value) > limit or "\0" in value:
+        raise UsageError(f"{what} is too long or contains a NUL byte")
+    return value
+
+
+def _opt_text(value: object, what: str) -> str | None:
+    return None if value is None else _text(value, what)
+
+
+def _texts(value: object, what: str, *, limit: int = MAX_LIST,
+           item_limit: int = MAX_TEXT, empty: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise UsageError(f"{what} must be a list of strings")
+    if len(value) > limit:
+        raise UsageError(f"{what} has more than {limit} entries")
+    return tuple(_text(v, f"an entry of {what}", limit=item_limit, empty=empty) for v in value)
+
+
+def _flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{what} must be true or false")
+    return value
+
+
+def _check_total(*groups: Sequence[str]) -> None:
+    if sum(len(s) + 1 for g in groups for s in g) > MAX_TOTAL:
+        raise UsageError("the command and environment are too large (over 1 MiB)")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """What to run: overrides of the image's config, applied the way docker applies them.
+
+    ``entrypoint`` None keeps the image's (a tuple replaces it and drops the image's Cmd);
+    ``cmd`` empty keeps the image's Cmd; ``env`` entries are ``KEY=VALUE``; ``workdir`` and
+    ``user`` None keep the image's.
+    """
+
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    stdin: bool = False
+    tty: bool = False
+
+    def __post_init__(self) -> None:
+        if self.entrypoint is not None:
+            object.__setattr__(self, "entrypoint", _texts(
+                self.entrypoint, "entrypoint", limit=MAX_ARGS, item_limit=MAX_ARG, empty=True))
+        object.__setattr__(self, "cmd", _texts(self.cmd, "command", limit=MAX_ARGS,
+                                               item_limit=MAX_ARG, empty=True))
+        env = _texts(self.env, "environment", limit=MAX_ARGS, item_limit=MAX_ARG)
+        for item in env:
+            key, sep, _ = item.partition("=")
+            if not key or not sep:
+                raise UsageError(f"invalid environment variable {item[:64]!r}: expected "
+                                 "KEY=VALUE")
+        object.__setattr__(self, "env", env)
+        _check_total(self.entrypoint or (), self.cmd, env)
+        if self.workdir is not None and not _text(self.workdir, "working directory") \
+                .startswith("/"):
+            raise UsageError(f"working directory {self.workdir[:64]!r} must be an absolute "
+                             "path")
+        _opt_text(self.user, "user")
+        _flag(self.stdin, "stdin")
+        _flag(self.tty, "tty")
+
+    @classmethod
+    def command(cls, argv: Sequence[str], **overrides: Any) -> WorkloadSpec:
+        """A command run as it is, without the image's Entrypoint and Cmd (`exec`)."""
+        return cls(entrypoint=tuple(argv), **overrides)
+
+    def resolve(self, config: Any) -> Workload:
+        """Argv, environment, working directory and user: ``config`` (the image's runtime
+        config) with these overrides. The one place docker's override rules are applied."""
+        return resolve(entrypoint=config.entrypoint, cmd=config.cmd, env=config.env,
+                       working_dir=config.working_dir, user=config.user,
+                       entrypoint_override=self.entrypoint, cmd_override=self.cmd or None,
+                       env_overrides=self.env, workdir_override=self.workdir,
+                       user_override=self.user, caller_env={})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"entrypoint": None if self.entrypoint is None else list(self.entrypoint),
+                "cmd": list(self.cmd), "env": list(self.env), "workdir": self.workdir,
+                "user": self.user, "stdin": self.stdin, "tty": self.tty}
+
+    @classmethod
+    def from_json(cls, obj: object) -> WorkloadSpec:
+        return cls(**_fields(cls, obj, "workload"))
+
+
+def env_items(env: Mapping[str, str] | Iterable[str] | None,
+              caller_env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """``KEY=VALUE`` entries from a mapping or a list; a bare ``KEY`` takes its value from
+    ``caller_env`` and is dropped if that has none (docker's ``-e KEY``)."""
+    if env is None:
+        return ()
+    if isinstance(env, Mapping):
+        return tuple(f"{k}={v}" for k, v in env.items())
+    out = []
+    for item in env:
+        if not isinstance(item, str):
+            raise UsageError(f"invalid environment variable {item!r}: expected KEY=VALUE")
+        key, sep, _ = item.partition("=")
+        if not key or "\0" in item:
+            raise UsageError(f"invalid environment variable {item[:64]!r}: expected KEY=VALUE")
+        if sep:
+            out.append(item)
+        elif caller_env is not None and key in caller_env:
+            out.append(f"{key}={caller_env[key]}")
+    return tuple(out)
+
+
+def _port_text(forward: net.PortForward) -> str:
+    return f"{forward.host_ip}:{forward.host_port}:{forward.guest_port}/{forward.proto}"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Which machine to make. ``image`` is anything `supermachine run` takes (a layout or
+    archive path, a registry reference, ``snapshot:NAME``)."""
+
+    image: str
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cpus: int = 1
+    accel: str = "auto"
+    kernel: str | None = None
+    initrd: str | None = None
+    snapshot: bool = True
+    pull: str = "missing"
+    platform: str | None = None
+    insecure_registries: tuple[str, ...] = ()
+    ca_file: str | None = None
+    network: str = "user"
+    #: published ports as ``HOSTIP:HOSTPORT:GUESTPORT/PROTO`` (host port 0: any free one)
+    ports: tuple[str, ...] = ()
+    publish_all: bool = False
+    allow_hosts: tuple[str, ...] = ()
+    allow_host_loopback: bool = False
+    hostname: str | None = None
+    #: None: the image's own; True: a fresh one per VM; else 32 hex digits
+    machine_id: str | bool | None = None
+    #: host directories and volumes (reserved: none are supported yet)
+    mounts: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        _text(self.image, "image")
+        if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int):
+            raise UsageError("memory_mib must be an integer number of MiB")
+        parse_memory(self.memory_mib)
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or \
+                parse_cpus(self.cpus) != self.cpus:
+            raise UsageError(f"cpus must be a whole number from 1 to 64, not {self.cpus!r}")
+        if self.accel not in ACCELS:
+            raise UsageError(f"unknown accelerator {self.accel!r}: use auto, kvm or tcg")
+        if (_opt_text(self.kernel, "kernel") is None) != \
+                (_opt_text(self.initrd, "initrd") is None):
+            raise UsageError("--kernel and --initrd go together: give both or neither")
+        _flag(self.snapshot, "snapshot")
+        if self.pull not in PULL_POLICIES:
+            raise UsageError(f"unknown pull policy {self.pull!r}: use always, missing or never")
+        _opt_text(self.platform, "platform")
+        object.__setattr__(self, "insecure_registries",
+                           _texts(self.insecure_registries, "insecure registries"))
+        _opt_text(self.ca_file, "CA file")
+        object.__setattr__(self, "ports", _texts(self.ports, "ports"))
+        forwards = net.parse_ports(self.ports)
+        object.__setattr__(self, "ports", tuple(_port_text(f) for f in forwards))
+        _flag(self.publish_all, "publish_all")
+        hosts = _texts(self.allow_hosts, "allowed hosts")
+        for item in hosts:
+            net.parse_allow_host(item)
+        object.__setattr__(self, "allow_hosts", hosts)
+        _flag(self.allow_host_loopback, "allow_host_loopback")
+        # Checks the combination (no ports or allow-list without an interface).
+        net.Network(mode=self.network, ports=forwards, allow_hosts=hosts,
+                    allow_host_loopback=self.allow_host_loopback)
+        if self.publish_all and self.network == "none":
+            raise UsageError("network 'none' has no interface: it cannot publish ports")
+        parse_hostname(_opt_text(self.hostname, "hostname"))
+        mid = self.machine_id
+        if isinstance(mid, str):
+            mid = parse_machine_id(_text(mid, "machine id"))  # "random" -> True
+        elif mid is not None and not isinstance(mid, bool):
+            raise UsageError("machine_id must be 32 hex digits, 'random', true or null")
+        object.__setattr__(self, "machine_id", mid or None)
+        if self.mounts:
+            raise UsageError("mounts are not supported yet")
+
+    @classmethod
+    def create(cls, image: str | Any, *, memory: str | int = DEFAULT_MEMORY,
+               cpus: int | str | float = 1, accel: str | None = None,
+               kernel: Any = None, initrd: Any = None,
+               ports: Mapping[int | str, int] | Sequence[str | int] | None = None,
+               machine_id: str | bool | None = None, **fields: Any) -> VMSpec:
+        """A spec from what people write: ``memory="1G"``, ``cpus="2"``, ``ports={8080:
+        80}`` or ``["8080:80"]``, paths as `os.PathLike`, ``machine_id="random"``."""
+        import os
+
+        return cls(image=os.fspath(image), memory_mib=parse_memory(memory),
+                   cpus=parse_cpus(cpus), accel=accel or "auto",
+                   kernel=None if kernel is None else os.path.abspath(kernel),
+                   initrd=None if initrd is None else os.path.abspath(initrd),
+                   ports=tuple(_port_text(f) for f in net.parse_ports(ports)),
+                   machine_id=parse_machine_id(machine_id), **fields)
+
+    @property
+    def forwards(self) -> tuple[net.PortForward, ...]:
+        return net.parse_ports(self.ports)
+
+    @property
+    def network_config(self) -> net.Network:
+        """The network, with the published ports not yet claimed (host port 0 kept)."""
+        return net.Network(mode=self.network, ports=self.forwards,
+                           allow_hosts=self.allow_hosts,
+                           allow_host_loopback=self.allow_host_loopback)
+
+    def replace(self, **changes: Any) -> VMSpec:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": SPEC_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_json(cls, obj: object) -> VMSpec:
+        if isinstance(obj, dict) and obj.get("version", SPEC_VERSION) != SPEC_VERSION:
+            raise UsageError(f"unsupported VM spec version {obj.get('version')!r}")
+        fields = _fields(cls, {k: v for k, v in obj.items() if k != "version"}
+                         if isinstance(obj, dict) else obj, "VM spec")
+        return cls(**fields)
+
+
+def _fields(cls: type, obj: object, what: str) -> dict[str, Any]:
+    """``obj``'s fields for ``cls``: a JSON object with known keys only; lists as tuples."""
+    if not isinstance(obj, dict):
+        raise UsageError(f"{what} must be a JSON object")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k)[:32] for k in obj if k not in known)
+    if unknown:
+        raise UsageError(f"{what}: unknown field(s) {', '.join(unknown[:5])}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in obj
+               and f.default is dataclasses.MISSING]
+    if missing:
+        raise UsageError(f"{what}: missing field(s) {', '.join(missing)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()}
