@@ -690,7 +690,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .bake import bake_version
-    from .engine.qemu import QemuEngine
+    from .engine import default_engine
     from .guest.kernel import prune_stale_layouts
     from .images import store
     from .images.progress import human_size
@@ -698,7 +698,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     home = _home(args)
     result = store.prune(home)
-    snapshots = prune_auto(home, QemuEngine().identity(), bake_version())
+    snapshots = prune_auto(home, default_engine().identity(), bake_version())
     prune_stale_layouts(home)
     print(f"Deleted {result.blobs_removed} blobs and {len(snapshots)} stale automatic "
           f"snapshots, reclaimed {human_size(result.bytes_freed)} of blobs")

@@ -147,10 +147,9 @@ class VM:
         return self
 
     def _boot(self, stack: contextlib.ExitStack) -> None:
-        from .engine import net
+        from .engine import default_engine, net
         from .engine.accel import choose
         from .engine.base import MachineConfig
-        from .engine.qemu import QemuEngine
         from .guest.assets import ensure_guest_assets
         from .images import ensure_rootfs
 
@@ -174,7 +173,7 @@ class VM:
         self.accel = choose(self._accel_request)
         if not self.accel.hardware:
             self._notice(self.accel.reason)
-        self._engine = QemuEngine()
+        self._engine = default_engine()
         self._config = MachineConfig(
             kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline,
             rootfs=rootfs, memory_mib=self.memory_mib, cpus=self.cpus,
@@ -224,14 +223,14 @@ class VM:
         """MachineConfig's network fields: host ports checked free or picked, the egress
         guard built and its policy resolved, all before anything boots."""
         from .engine import net, netguard
-        from .engine.qemu import claim_host_ports
 
         if not self._network.enabled:
             return {"network": self._network}
         forwards = list(self._forwards)
         if self._publish_all:
             forwards += net.parse_exposed(self.image.config.exposed_ports)
-        network = dataclasses.replace(self._network, ports=claim_host_ports(tuple(forwards)))
+        claimed = self._engine.claim_host_ports(tuple(forwards))
+        network = dataclasses.replace(self._network, ports=claimed)
         self.ports = network.ports
         return {"network": network, "netguard": netguard.ensure_netguard(self.home.guest),
                 "netguard_policy": netguard.policy(network)}
@@ -261,9 +260,7 @@ class VM:
         machine = self._machine
         if machine is None or not self.running:
             raise VMError("the VM is not running")
-        from .engine.qemu import claim_host_ports
-
-        (claimed,) = claim_host_ports((forward,))
+        (claimed,) = self._engine.claim_host_ports((forward,))
         ports = net.check_forwards([*self.ports, claimed])
         machine.set_forwards(ports)
         self.ports = ports

@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import net
 from .net import Network
 
 
@@ -97,6 +98,11 @@ class Machine(abc.ABC):
     def wait_incoming(self, timeout: float) -> None:
         """Wait until a machine launched with ``incoming_state`` has loaded it."""
 
+    @abc.abstractmethod
+    def set_forwards(self, forwards: tuple[net.PortForward, ...]) -> None:
+        """Publish exactly ``forwards`` (host ports resolved, see `Engine.claim_host_ports`)
+        from now on; connections open through the VM's network may be cut."""
+
 
 class Engine(abc.ABC):
     name: str
@@ -111,3 +117,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def identity(self) -> str:
         """Identifies the monitor build and machine layout; part of snapshot fingerprints."""
+
+    @abc.abstractmethod
+    def claim_host_ports(self, forwards: tuple[net.PortForward, ...]
+                         ) -> tuple[net.PortForward, ...]:
+        """``forwards`` with every host port checked free and host port 0 replaced by a
+        free one, before a machine publishes them."""

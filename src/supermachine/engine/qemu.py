@@ -553,6 +553,10 @@ class QemuEngine(Engine):
     def launch(self, config: MachineConfig) -> Machine:
         return QemuMachine(config, self._qemu)
 
+    def claim_host_ports(self, forwards: tuple[net.PortForward, ...]
+                         ) -> tuple[net.PortForward, ...]:
+        return claim_host_ports(forwards)
+
     def version(self) -> str:
         """QEMU's own version line (runs ``qemu --version``: for display, not the hot path)."""
         out = subprocess.run([self._qemu, "--version"], capture_output=True, text=True,
