@@ -706,7 +706,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    from .images import auth
+    from .images import registry
 
     if args.password_stdin:
         password = sys.stdin.read().rstrip("\n")
@@ -716,8 +716,8 @@ def cmd_login(args: argparse.Namespace) -> int:
         import getpass
 
         password = getpass.getpass("Password: ")
-    auth.login(args.registry, args.username, password,
-               insecure_registries=tuple(args.insecure_registry), ca_file=args.ca_file)
+    registry.login(args.registry, args.username, password,
+                       insecure_registries=tuple(args.insecure_registry), ca_file=args.ca_file)
     print("Login Succeeded")
     return 0
 

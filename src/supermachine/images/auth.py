@@ -230,34 +230,18 @@ def normalise_registry(registry: str) -> str:
     return _normalise_key(registry)
 
 
-def login(
-    registry: str,
-    username: str,
-    password: str,
-    config_path: Path | None = None,
-    *,
-    verify: bool = True,
-    insecure_registries: tuple[str, ...] = (),
-    ca_file: str | None = None,
-) -> None:
-    """Check the credentials against the registry (unless ``verify`` is false), then save them."""
+def save_login(registry: str, username: str, password: str,
+               config_path: Path | None = None) -> None:
+    """Save credentials for ``registry`` (checked against it first by `registry.login`)."""
+    check_login_input(username, password)
+    store_credentials(normalise_registry(registry), Credentials(username, password), config_path)
+
+
+def check_login_input(username: str, password: str) -> None:
     if not username or ":" in username:
         raise AuthError("username must be non-empty and must not contain ':'")
     if not password:
         raise AuthError("password must not be empty")
-    name = normalise_registry(registry)
-    creds = Credentials(username, password)
-    if verify:
-        from .registry import RegistryClient  # lazy: the HTTP stack is not needed otherwise
-
-        client = RegistryClient(
-            name, credentials=creds, insecure_registries=insecure_registries, ca_file=ca_file
-        )
-        try:
-            client.check_login()
-        finally:
-            client.close()
-    store_credentials(name, creds, config_path)
 
 
 def logout(registry: str, config_path: Path | None = None) -> bool:

@@ -30,7 +30,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import AuthError, DigestMismatch, ImageError, RegistryError
-from .auth import Credentials, get_credentials
+from .auth import (
+    Credentials,
+    check_login_input,
+    get_credentials,
+    normalise_registry,
+    store_credentials,
+)
 from .manifest import ACCEPT
 from .verify import check_digest, sha256_digest
 
@@ -544,3 +550,18 @@ class RegistryClient:
 
 def backoff(attempt: int) -> None:
     time.sleep(min(0.25 * (2**attempt), 2.0))
+
+
+def login(registry: str, username: str, password: str, config_path=None, *,
+          insecure_registries: tuple[str, ...] = (), ca_file: str | None = None) -> None:
+    """Check the credentials against the registry, then save them (`docker login`)."""
+    check_login_input(username, password)
+    name = normalise_registry(registry)
+    creds = Credentials(username, password)
+    client = RegistryClient(name, credentials=creds, insecure_registries=insecure_registries,
+                            ca_file=ca_file)
+    try:
+        client.check_login()
+    finally:
+        client.close()
+    store_credentials(name, creds, config_path)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from supermachine.errors import AuthError, RegistryError
-from supermachine.images import auth
+from supermachine.images import auth, registry
 from supermachine.images.pull import pull
 
 from .harness import Registry, TokenServer, htpasswd_file, make_ca_and_cert
@@ -31,15 +31,15 @@ def test_htpasswd_basic_auth(pushed, small_image, home, docker_config, tmp_path)
     with pytest.raises(AuthError, match=f"requires login; run `supermachine login {pushed.host}`"):
         pull(ref, home)
     with pytest.raises(AuthError, match="rejected|unauthorized|UNAUTHORIZED"):
-        auth.login(pushed.host, "alice", "wrong")
+        registry.login(pushed.host, "alice", "wrong")
     assert not docker_config.exists()  # a failed login saves nothing
 
     # A wrong password already in the config (e.g. stale) is rejected at pull time.
-    auth.login(pushed.host, "alice", "wrong", verify=False)
+    auth.save_login(pushed.host, "alice", "wrong")
     with pytest.raises(AuthError, match="credentials were rejected"):
         pull(ref, home)
 
-    auth.login(pushed.host, "alice", "s3cret")
+    registry.login(pushed.host, "alice", "s3cret")
     saved = json.loads(docker_config.read_text())["auths"][pushed.host]["auth"]
     assert saved == "YWxpY2U6czNjcmV0"  # base64("alice:s3cret"), docker's format
     assert oct(docker_config.stat().st_mode & 0o777) == "0o600"
@@ -63,7 +63,7 @@ def test_token_auth_challenge_flow(pushed, small_image, home, docker_config, tmp
         ref = f"{pushed.host}/private/img:latest"
         with pytest.raises(AuthError, match="anonymous access denied"):
             pull(ref, home)
-        auth.login(pushed.host, "bob", "hunter2")
+        registry.login(pushed.host, "bob", "hunter2")
         image = pull(ref, home)
         assert image.config_digest == small_image.config_digests["amd64"]
         scopes = [r.get("scope") for r in tokens.requests]

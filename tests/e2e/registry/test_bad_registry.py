@@ -47,7 +47,7 @@ def test_basic_auth_and_redirect_to_storage_drops_credentials(fake, storage, hom
         fake.routes[path] = lambda h, route=route: (
             route if h.get("Authorization") == want else (401, challenge, b"")
         )
-    auth.login(fake.host, "u", "p", verify=False)
+    auth.save_login(fake.host, "u", "p")
     image = pull(f"{fake.host}/r:t", home)
     assert image.layers[0].media_type == PLAIN_TAR
     image.layers[0].open().drain()

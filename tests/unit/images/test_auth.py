@@ -100,7 +100,7 @@ def test_cred_helpers_and_store(cfg, helper):
 
 def test_login_with_helper_stores_through_it(cfg, helper):
     cfg.write_text(json.dumps({"credsStore": "fake"}))
-    auth.login("docker.io", "me", "pw", verify=False)
+    auth.save_login("docker.io", "me", "pw")
     line = helper.read_text().splitlines()[-1]
     assert line.startswith("store ")
     assert json.loads(line[6:]) == {
@@ -115,12 +115,12 @@ def test_login_with_helper_stores_through_it(cfg, helper):
 def test_login_logout_keep_other_settings(cfg):
     cfg.write_text(json.dumps({"auths": {"https://r.io/v1/": {"auth": "b2xkOm9sZA=="}},
                                "psFormat": "table"}))  # fmt: skip
-    auth.login("https://r.io", "new", "pw", verify=False)
+    auth.save_login("https://r.io", "new", "pw")
     data = json.loads(cfg.read_text())
     assert data["psFormat"] == "table"
     assert data["auths"] == {"r.io": {"auth": "bmV3OnB3"}}  # the old key for r.io is replaced
     assert oct(cfg.stat().st_mode & 0o777) == "0o600"
-    auth.login("", "hub", "pw", verify=False)
+    auth.save_login("", "hub", "pw")
     assert "https://index.docker.io/v1/" in json.loads(cfg.read_text())["auths"]
     assert auth.logout("r.io") is True
     assert auth.logout("r.io") is False
@@ -130,5 +130,5 @@ def test_login_logout_keep_other_settings(cfg):
 @pytest.mark.parametrize(("user", "pw"), [("", "x"), ("a:b", "x"), ("a", "")])
 def test_login_rejects_bad_input(cfg, user, pw):
     with pytest.raises(AuthError):
-        auth.login("r.io", user, pw, verify=False)
+        auth.save_login("r.io", user, pw)
     assert not cfg.exists()
