@@ -19,9 +19,10 @@ home; the boot itself is not timed):
 
 Baseline, same run, same numbers: the real guest init (sm-init) as a host process speaking the
 agent protocol over a socketpair to the same AgentClient (`--agent-fd`), running the host's
-`true` and `head`. The ratio is what the VM and its virtio-serial path cost on top of the
-protocol and the Python client. The baseline runs before the VM boots, so the two never share
-the CPU.
+`true` and `dd`. The ratio is what the VM and its virtio-serial path cost on top of the
+protocol and the Python client. Baseline and VM are interleaved call by call (and stream by
+stream), alternating which goes first, so both see the same machine; the side not being
+measured sits idle in a blocking read.
 
 The CLI half is `cli_exec_half`: `supermachine exec NAME true` as whole CLI processes against
 a detached VM (`supermachine run -d`), interleaved with `python -c pass` and `supermachine
@@ -33,6 +34,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import common
-from common import fmt_s, summary
+import tables
+from common import summary
 
 from supermachine.agent.protocol import Stream
 
@@ -55,14 +58,16 @@ WARMUP = 5
 def exec_latencies(run_true: Callable[[], int], n: int) -> list[float]:
     for _ in range(WARMUP):
         run_true()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        code = run_true()
-        out.append(time.perf_counter() - t0)
-        if code != 0:
-            raise RuntimeError(f"`true` exited {code}")
-    return out
+    return [timed_true(run_true) for _ in range(n)]
+
+
+def timed_true(run_true: Callable[[], int]) -> float:
+    t0 = time.perf_counter()
+    code = run_true()
+    elapsed = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"`true` exited {code}")
+    return elapsed
 
 
 def stream_argv(nbytes: int) -> list[str]:
@@ -72,7 +77,7 @@ def stream_argv(nbytes: int) -> list[str]:
 
 
 def stream_throughput(spawn: Callable[[list[str]], Any], nbytes: int) -> tuple[float, int]:
-    """(seconds, bytes received) for ``head -c nbytes /dev/zero`` streamed to us."""
+    """(seconds, bytes received) for ``nbytes`` of dd output streamed to us."""
     t0 = time.perf_counter()
     got = 0
     with spawn(stream_argv(nbytes)) as proc:
@@ -98,8 +103,8 @@ def guest_diagnostics(vm: Any, nbytes: int) -> dict[str, float]:
     agent = vm._agent()  # internal: PING has no public API, and it isolates the channel
     pings = [agent.ping() for _ in range(50)]
     loop = "i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done"
-    empty = min(timed_sh(loop.format(n=0)) for _ in range(3))
-    twenty = min(timed_sh(loop.format(n=20)) for _ in range(3))
+    empty = statistics.median(timed_sh(loop.format(n=0)) for _ in range(5))
+    twenty = statistics.median(timed_sh(loop.format(n=20)) for _ in range(5))
     dd = " ".join(stream_argv(nbytes))
     devnull = timed_sh(f"{dd} of=/dev/null 2>/dev/null") - empty
     # Every byte a workload prints crosses a pipe to sm-init first: the guest's own pipe
@@ -211,20 +216,35 @@ def cli_exec_half(image: Path, home: common.Home, reps: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- main
 
 
-def measure(run_true: Callable[[], int], spawn: Callable[[list[str]], Any], n: int,
-            nbytes: int, streams: int) -> dict[str, Any]:
-    lat = exec_latencies(run_true, n)
-    thr = [stream_throughput(spawn, nbytes)[0] for _ in range(streams)]
-    return {"exec_true": summary(lat), "exec_true_samples": lat,
-            "stream_seconds": summary(thr), "stream_mb_s": nbytes / 1e6 / min(thr),
-            "stream_mb_s_median": nbytes / 1e6 / summary(thr)["median"]}
+Side = tuple[Callable[[], int], Callable[[list[str]], Any]]  # (run `true`, spawn)
+
+
+def measure_interleaved(sides: dict[str, Side], n: int, nbytes: int, streams: int
+                        ) -> dict[str, dict[str, Any]]:
+    """Every side's exec latencies and stream times, call by call in alternating order."""
+    names = list(sides)
+    for run_true, _ in sides.values():
+        for _ in range(WARMUP):
+            run_true()
+    lat: dict[str, list[float]] = {k: [] for k in names}
+    thr: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(n):
+        for k in names if i % 2 == 0 else names[::-1]:
+            lat[k].append(timed_true(sides[k][0]))
+    for i in range(streams):
+        for k in names if i % 2 == 0 else names[::-1]:
+            thr[k].append(stream_throughput(sides[k][1], nbytes)[0])
+    return {k: {"exec_true": summary(lat[k]), "exec_true_samples": lat[k],
+                "stream_seconds": summary(thr[k]), "stream_seconds_samples": thr[k],
+                "stream_mb_s_median": nbytes / 1e6 / summary(thr[k])["median"]}
+            for k in names}
 
 
 def main() -> int:
     args = common.parse_args(__doc__.splitlines()[0])
     n = args.reps or (30 if args.quick else 300)
     nbytes = 10_000_000 if args.quick else 100_000_000
-    streams = 1 if args.quick else 3
+    streams = 2 if args.quick else 4
     cli_reps = 10 if args.quick else 50
     info = common.machine_info()
     common.print_header("bench_exec", info, args.quick)
@@ -238,15 +258,16 @@ def main() -> int:
 
     host = HostGuest()
     try:
-        base = measure(host.run_true, host.spawn, n, nbytes, streams)
+        t0 = time.perf_counter()
+        with sm.VM(image, home=home) as vm:
+            boot = time.perf_counter() - t0
+            both = measure_interleaved({"vm": (lambda: vm.exec(["true"]).exit_code, vm.spawn),
+                                        "host": (host.run_true, host.spawn)},
+                                       n, nbytes, streams)
+            diag = guest_diagnostics(vm, nbytes)
     finally:
         host.close()
-
-    t0 = time.perf_counter()
-    with sm.VM(image, home=home) as vm:
-        boot = time.perf_counter() - t0
-        ours = measure(lambda: vm.exec(["true"]).exit_code, vm.spawn, n, nbytes, streams)
-        diag = guest_diagnostics(vm, nbytes)
+    ours, base = both["vm"], both["host"]
 
     results: dict[str, Any] = {
         "machine": info, "quick": args.quick, "exec_calls": n, "stream_bytes": nbytes,
@@ -258,43 +279,8 @@ def main() -> int:
         "cli_half": cli_exec_half(image, home, cli_reps),
         "guest_diagnostics": diag,
     }
-    rows = [
-        ["exec true p50", fmt_s(ours["exec_true"]["median"]),
-         fmt_s(base["exec_true"]["median"]), f"{results['ratio_exec_p50']:.1f}x"],
-        ["exec true p99", fmt_s(ours["exec_true"]["p99"]), fmt_s(base["exec_true"]["p99"]),
-         f"{ours['exec_true']['p99'] / base['exec_true']['p99']:.1f}x"],
-        [f"stdout {nbytes // 1_000_000} MB (median of {streams})",
-         f"{ours['stream_mb_s_median']:.1f} MB/s", f"{base['stream_mb_s_median']:.1f} MB/s",
-         f"{results['ratio_stream_mb_s']:.2f}x"],
-    ]
-    common.print_table(
-        f"exec into one running busybox VM ({n} calls; accel {info['accel']}) vs sm-init as a "
-        "host process", ["measure", "VM", "host baseline", "VM/baseline"], rows)
-    common.print_table("inside the VM (diagnostics)", ["measure", "value"], [
-        ["agent PING round trip (median of 50)", fmt_s(diag["agent_ping_rtt_median"])],
-        ["spawn(['true']) to STARTED (fork, execve done; p50 of 30)",
-         fmt_s(diag["spawn_to_started_median"])],
-        ["STARTED to exit status (p50 of 30)", fmt_s(diag["started_to_exit_median"])],
-        ["vm.exec(['/bin/true']) p50 (no PATH search, 50 calls)",
-         fmt_s(diag["exec_abs_true_median"])],
-        ["guest sh loop of /bin/true, per run (busybox ash may skip the exec)",
-         fmt_s(diag["guest_fork_exec_true"])],
-        ["guest dd to /dev/null", f"{diag['guest_dd_to_devnull_mb_s']:.1f} MB/s"],
-        ["guest dd | cat > /dev/null (a pipe inside the guest)",
-         f"{diag['guest_dd_pipe_cat_mb_s']:.1f} MB/s"],
-    ])
-    p50 = ours["exec_true"]["median"]
-    print(f"exec p50 target <= 10 ms: {'met' if p50 <= 0.010 else 'NOT met'} ({fmt_s(p50)})")
-    cli = results["cli_half"]
-    if cli["status"] == "measured":
-        common.print_table(
-            f"CLI half: whole processes, detached busybox VM ({cli_reps} interleaved reps)",
-            ["command", "p50", "p99"],
-            [[k, fmt_s(cli[k]["median"]), fmt_s(cli[k]["p99"])]
-             for k in ("cli exec true", "python -c pass", "supermachine --help")])
-    else:
-        print(f"CLI half: {cli['status']}")
-    common.write_results("bench_exec", results)
+    common.print_tables(tables.bench_exec(results))
+    common.write_results("bench_exec", results, quick=args.quick)
     return 0
 
 

@@ -1,7 +1,9 @@
 """Issue 6: published-port networking: HTTP requests/s and latency, bulk TCP both ways.
 
 One small Python server (SERVER below: a tiny HTTP responder, a byte sink and a byte source)
-runs three ways in the same run, one after the other so they never share the CPU:
+runs three ways at once, all started before anything is measured; the measurements then go
+round by round, each round measuring every server in turn (the order rotating each round),
+so all three see the same machine. A server not being measured sits idle in accept/recv:
 
 * host: as a process on this machine, reached on 127.0.0.1 (the baseline);
 * passt: in a VM (python image, warm home, restored from its snapshot) behind published
@@ -10,16 +12,17 @@ runs three ways in the same run, one after the other so they never share the CPU
   ``hostfwd`` instead, for the backend comparison (the bench swaps the netdev on QEMU's
   command line; supermachine itself never uses slirp: see engine/net.py).
 
-Measured by a Python load client in this process (bounded by count and time):
+Measured by a Python load client in this process (bounded by count and time), every round:
 
 * HTTP keep-alive: C connections, each sending small GET requests back to back; requests/s
-  and per-request latency p50/p99.
+  (median over rounds) and per-request latency p50/p99 (over all requests of all rounds).
 * HTTP new connection per request (what a client without keep-alive does): requests/s, p99.
 * bulk TCP host->guest (the client streams BYTES into the sink) and guest->host (the source
-  streams BYTES out), MB/s, over the published port.
-* start cost and memory: passt's process RSS, QEMU's RSS, VM start wall time.
+  streams BYTES out), MB/s over the published port, one transfer each way per round; the
+  median over rounds is reported.
+* start cost and memory (once): passt's process RSS, QEMU's RSS, VM start wall time.
 
-Ratios are VM / host baseline (throughput) and host / VM (latency), same run, same client.
+Ratios are VM / host baseline (throughput), medians, same run, same client.
 """
 
 from __future__ import annotations
@@ -27,16 +30,19 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import statistics
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import common
-from common import fmt_s, summary
+import tables
+from common import summary
 
 GUEST_PORTS = (8000, 8001, 8002)  # http, sink, source
 
@@ -131,7 +137,7 @@ def http_keepalive(port: int, conns: int, total: int, max_s: float) -> dict[str,
     elapsed = time.perf_counter() - t0
     flat = [x for row in lat for x in row]
     return {"requests": len(flat), "seconds": elapsed, "rps": len(flat) / elapsed,
-            "latency": summary(flat)}
+            "latency_samples": flat}
 
 
 def http_new_connections(port: int, conns: int, total: int, max_s: float) -> dict[str, Any]:
@@ -159,7 +165,7 @@ def http_new_connections(port: int, conns: int, total: int, max_s: float) -> dic
         t.join()
     elapsed = time.perf_counter() - t0
     return {"requests": len(lat), "seconds": elapsed, "rps": len(lat) / elapsed,
-            "latency": summary(lat)}
+            "latency_samples": lat}
 
 
 def bulk_in(port: int, nbytes: int) -> float:
@@ -197,16 +203,34 @@ def bulk_out(port: int, nbytes: int) -> float:
         return nbytes / (time.perf_counter() - t0) / 1e6
 
 
-def measure(ports: tuple[int, int, int], p: dict[str, Any]) -> dict[str, Any]:
+def measure_round(ports: tuple[int, int, int], p: dict[str, Any], rounds: int
+                  ) -> dict[str, Any]:
+    """One round against one server: 1/rounds of the requests, one bulk transfer each way."""
     http_port, sink_port, source_port = ports
-    http_keepalive(http_port, 2, 20, 10)  # warm-up: connections, server threads, caches
     return {
-        "keepalive": http_keepalive(http_port, p["conns"], p["requests"], p["max_s"]),
-        "new_conn": http_new_connections(http_port, p["conns"], p["requests"] // 4,
-                                         p["max_s"]),
-        "bulk_in_mb_s": [bulk_in(sink_port, p["bytes"]) for _ in range(p["bulk_reps"])],
-        "bulk_out_mb_s": [bulk_out(source_port, p["bytes"]) for _ in range(p["bulk_reps"])],
+        "keepalive": http_keepalive(http_port, p["conns"], p["requests"] // rounds,
+                                    p["max_s"] / rounds),
+        "new_conn": http_new_connections(http_port, p["conns"], p["requests"] // 4 // rounds,
+                                         p["max_s"] / rounds),
+        "bulk_in_mb_s": bulk_in(sink_port, p["bytes"]),
+        "bulk_out_mb_s": bulk_out(source_port, p["bytes"]),
     }
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one server into medians (rates) and pooled latency percentiles."""
+    def http(key: str) -> dict[str, Any]:
+        rs = [r[key] for r in rounds]
+        return {"requests": sum(r["requests"] for r in rs),
+                "rps": statistics.median(r["rps"] for r in rs),
+                "rps_per_round": [r["rps"] for r in rs],
+                "latency": summary([x for r in rs for x in r["latency_samples"]])}
+
+    return {"keepalive": http("keepalive"), "new_conn": http("new_conn"),
+            "bulk_in_mb_s": [r["bulk_in_mb_s"] for r in rounds],
+            "bulk_out_mb_s": [r["bulk_out_mb_s"] for r in rounds],
+            "bulk_in_mb_s_median": statistics.median(r["bulk_in_mb_s"] for r in rounds),
+            "bulk_out_mb_s_median": statistics.median(r["bulk_out_mb_s"] for r in rounds)}
 
 
 # ---------------------------------------------------------------------------- servers
@@ -231,13 +255,15 @@ def free_ports(n: int) -> tuple[int, ...]:
             s.close()
 
 
-def host_baseline(p: dict[str, Any]) -> dict[str, Any]:
+@contextlib.contextmanager
+def host_server() -> Iterator[tuple[tuple[int, int, int], dict[str, Any]]]:
+    """The server as a host process on 127.0.0.1: (its ports, facts about it)."""
     ports = free_ports(3)
     proc = subprocess.Popen([sys.executable, "-c", SERVER, "127.0.0.1", *map(str, ports)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        return measure(ports, p)
+        yield ports, {}  # type: ignore[misc]
     finally:
         proc.kill()
         proc.wait()
@@ -268,48 +294,46 @@ def slirp_netdev(hostfwd_ports: tuple[int, ...]):
         qemu.QemuMachine._wait_net_connected = wait
 
 
-def in_vm(image: Path, home: Any, p: dict[str, Any], backend: str) -> dict[str, Any]:
+@contextlib.contextmanager
+def vm_server(image: Path, home: Any, backend: str
+              ) -> Iterator[tuple[tuple[int, int, int], dict[str, Any]]]:
+    """The server in a VM behind published ports: (host ports, facts about the VM)."""
     import supermachine as sm
 
     if backend == "slirp":
-        ports = free_ports(3)
+        ports: tuple[int, ...] = free_ports(3)
         ctx: Any = slirp_netdev(ports)
         vm_ports: list[str] = []
     else:
         ctx = contextlib.nullcontext()
         vm_ports = [f"0:{g}" for g in GUEST_PORTS]
-    with ctx:
-        t0 = time.perf_counter()
-        with sm.VM(image, home=home, ports=vm_ports) as vm:
+    with contextlib.ExitStack() as stack:
+        with ctx:  # the netdev swap matters only while QEMU is launched
+            t0 = time.perf_counter()
+            vm = stack.enter_context(sm.VM(image, home=home, ports=vm_ports))
             start = time.perf_counter() - t0
-            if backend != "slirp":
-                ports = tuple(f.host_port for f in vm.ports)
-            if backend == "slirp":
-                # slirp's MTU is 1500 (QEMU 7.2 has no option for it); the guest's is passt's.
-                r = vm.exec(["python3", "-c", SET_MTU.format(mtu=1500)])
-                assert r.ok, r.stderr
-            vm.write_file("/tmp/server.py", SERVER.encode())
-            server = vm.spawn(["python3", "/tmp/server.py", "0.0.0.0",
-                               *map(str, GUEST_PORTS)])
-            for _stream, data in server:
-                if b"ready" in data:
-                    break
-            machine = vm._machine  # for RSS figures only
-            passt = getattr(machine, "_passt", None)
-            result = measure(ports, p)
-            result.update(
-                vm_start_seconds=start, restored=vm.restored_from is not None,
-                qemu_rss_kib=rss_kib(machine.pid),
-                passt_rss_kib=rss_kib(passt.pid) if backend == "passt" and passt else None)
-            server.kill()
-    return result
+        if backend != "slirp":
+            ports = tuple(f.host_port for f in vm.ports)
+        else:
+            # slirp's MTU is 1500 (QEMU 7.2 has no option for it); the guest's is passt's.
+            r = vm.exec(["python3", "-c", SET_MTU.format(mtu=1500)])
+            assert r.ok, r.stderr
+        vm.write_file("/tmp/server.py", SERVER.encode())
+        server = stack.enter_context(vm.spawn(["python3", "/tmp/server.py", "0.0.0.0",
+                                               *map(str, GUEST_PORTS)]))
+        for _stream, data in server:
+            if b"ready" in data:
+                break
+        machine = vm._machine  # for RSS figures only
+        passt = getattr(machine, "_passt", None)
+        yield ports, {  # type: ignore[misc]
+            "vm_start_seconds": start, "restored": vm.restored_from is not None,
+            "qemu_rss_kib": rss_kib(machine.pid),
+            "passt_rss_kib": rss_kib(passt.pid) if backend == "passt" and passt else None}
+        server.kill()
 
 
 # ---------------------------------------------------------------------------- report
-
-
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def main() -> int:
@@ -318,7 +342,7 @@ def main() -> int:
 
     args = common.parse_args(__doc__.splitlines()[0], extra=extra)
     p = {"conns": 8, "requests": 400 if args.quick else 4000, "max_s": 10 if args.quick else 30,
-         "bytes": 20_000_000 if args.quick else 200_000_000, "bulk_reps": 1 if args.quick else 3}
+         "bytes": 20_000_000 if args.quick else 200_000_000, "rounds": 2 if args.quick else 4}
     if args.reps:
         p["requests"] = args.reps
     info = common.machine_info()
@@ -326,35 +350,30 @@ def main() -> int:
 
     from tests.fixtures import images as fx
 
+    import supermachine as sm
+
     image = fx.python()
     home = common.warm_home()
-    runs = {"host": host_baseline(p), "passt": in_vm(image, home, p, "passt")}
-    if not args.no_slirp:
-        runs["slirp"] = in_vm(image, home, p, "slirp")
-    base = runs["host"]
-
-    rows = []
-    for name, r in runs.items():
-        ka, nc = r["keepalive"], r["new_conn"]
-        rows.append([
-            name, f"{ka['rps']:.0f}", fmt_s(ka["latency"]["median"]), fmt_s(ka["latency"]["p99"]),
-            f"{nc['rps']:.0f}", fmt_s(nc["latency"]["p99"]),
-            f"{median(r['bulk_in_mb_s']):.1f}", f"{median(r['bulk_out_mb_s']):.1f}",
-            f"{ka['rps'] / base['keepalive']['rps']:.3f}",
-            f"{median(r['bulk_in_mb_s']) / median(base['bulk_in_mb_s']):.3f}",
-            f"{median(r['bulk_out_mb_s']) / median(base['bulk_out_mb_s']):.3f}",
-        ])
-    common.print_table(
-        f"published port vs the same server on the host ({p['conns']} connections, "
-        f"{p['requests']} requests, {p['bytes'] // 1_000_000} MB bulk; accel {info['accel']})",
-        ["server", "req/s", "p50", "p99", "new-conn req/s", "new-conn p99", "in MB/s",
-         "out MB/s", "req/s ratio", "in ratio", "out ratio"], rows)
-    common.print_table("VM costs", ["backend", "VM start", "restored", "QEMU RSS", "passt RSS"], [
-        [n, fmt_s(r["vm_start_seconds"]), r["restored"], f"{(r['qemu_rss_kib'] or 0) // 1024} MiB",
-         f"{r['passt_rss_kib'] // 1024} MiB" if r.get("passt_rss_kib") else "-"]
-        for n, r in runs.items() if n != "host"])
-    common.write_results("bench_net", {"machine": info, "quick": args.quick, "params": p,
-                                       "runs": runs})
+    # Untimed: bakes the image's snapshot if the home lacks it, so "VM start" is a restore.
+    sm.VM(image, home=home).start().close()
+    servers: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    with contextlib.ExitStack() as stack:
+        servers["host"] = stack.enter_context(host_server())
+        servers["passt"] = stack.enter_context(vm_server(image, home, "passt"))
+        if not args.no_slirp:
+            servers["slirp"] = stack.enter_context(vm_server(image, home, "slirp"))
+        names = list(servers)
+        for name in names:  # warm-up: connections, server threads, caches
+            http_keepalive(servers[name][0][0], 2, 20, 10)
+        for i in range(p["rounds"]):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                rounds.setdefault(name, []).append(measure_round(servers[name][0], p,
+                                                                 p["rounds"]))
+    runs = {name: {**combine(rounds[name]), **servers[name][1]} for name in names}
+    results = {"machine": info, "params": p, "runs": runs}
+    common.print_tables(tables.bench_net(results))
+    common.write_results("bench_net", results, quick=args.quick)
     return 0
 
 

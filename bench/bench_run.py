@@ -1,28 +1,33 @@
-"""Issue 2: cold `supermachine run IMAGE true` against the floor of a bare QEMU boot.
+"""Issue 2: `supermachine run IMAGE true` against bare QEMU doing the same: boot or restore.
 
 What is measured (wall time, this machine, whatever accelerator `--accel auto` picks; the
-header prints it):
+header prints it). Busybox and Debian+python; every mode a whole process (fork to reaped
+exit); all modes interleaved rep by rep, their order rotating each rep, so slow phases of the
+machine hit them all:
 
-* ours, three ways, each a whole process (fork to reaped exit), with the image's root
-  filesystem and the guest assets already cached. Busybox and Debian+python.
-  - cli restore: `supermachine run IMAGE true` when the image's automatic snapshot exists
-    (what every run after the first does);
-  - cli first run: the same with the snapshot removed first (boot, bake the snapshot,
-    restore it);
-  - cli boot: `supermachine run --no-snapshot IMAGE true` (cold boot, default network:
-    a passt process and a NIC);
-  - cli boot, no network: the same with `--network none`, the floor's set of devices.
-* floor: the same qemu binary with our engine's command line (`build_command`, for a machine
-  without a network) minus the agent channel (virtio-serial device, its port and chardev),
-  the same kernel, command line and root disk, booting the same initramfs except that /init
-  is a tiny static program that prints a marker on the console and calls
-  reboot(RB_POWER_OFF). Popen to reaped exit.
-  Ours and the floor alternate, so both see the same machine load.
-* phases: where ours goes beyond the floor. Python start-up (`python -c pass`, and
-  `supermachine --help`) as separate processes; then, in one fresh child process per
-  repetition, the steps `VM` takes, timed one by one through the same internal functions
+* restore path (the default once an image has run here), root filesystem and snapshot cached:
+  - cli restore: `supermachine run IMAGE true` (default network: a passt process and a NIC);
+  - cli restore, no network: `supermachine run --network none IMAGE true`;
+  - restore floor: bare QEMU restoring the very snapshot `cli restore, no network` restores
+    (same binary and command line, memory file mapped private, `-incoming defer`,
+    x-ignore-shared), Popen to the guest running (QEMU's RESUME event), then SIGKILL and
+    reap. See floors.py. Restore modes are compared with this floor.
+* boot path, root filesystem cached:
+  - cli boot: `supermachine run --no-snapshot IMAGE true` (default network);
+  - cli boot, no network: the same with `--network none`, the boot floor's set of devices;
+  - boot floor: bare QEMU, our command line minus the agent channel, same kernel, kernel
+    command line, disk and initramfs modules, /init a static marker program that powers off.
+    Boot modes are compared with this floor (target: ours <= 1.3x).
+* cli first use: `supermachine run IMAGE true` in a fresh, empty home each rep (only the
+  guest kernel and initramfs linked in, an install-time step): rootfs build, boot, snapshot
+  bake, restore. Shown against the boot floor, for scale.
+* cold / restore: cli boot over cli restore (and the same without network), reported
+  separately from the floors.
+* phases: where ours goes beyond the floors. Python start-up (`python -c pass`, and
+  `supermachine --help`, interleaved) as separate processes; then, in one fresh child process
+  per repetition, the steps `VM` takes, timed one by one through the same internal functions
   (imports, open image, rootfs cache lookup, guest assets lookup, QEMU launch, boot until the
-  agent's HELLO answer, exec of `true`, teardown).
+  agent's HELLO answer, exec of `true`, teardown), and the restore path split likewise.
 * rootfs build: `ensure_rootfs` in a fresh store (busybox, Debian+python), and squashfs size.
 
 Excluded: fetching the guest kernel (an install-time step), building the test images.
@@ -33,9 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,129 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import common
-from common import fmt_s, summary
-
-MARKER = b"SM-FLOOR-MARKER"
-
-# PID 1 of the floor guest: the least a guest can do that proves it reached userspace.
-MARKER_C = r"""
-#include <fcntl.h>
-#include <sys/reboot.h>
-#include <unistd.h>
-
-int main(void)
-{
-	static const char msg[] = "\nSM-FLOOR-MARKER\n";
-	int fd = open("/dev/console", O_WRONLY | O_NOCTTY);
-	if (fd < 0)
-		fd = 1;
-	write(fd, msg, sizeof(msg) - 1);
-	reboot(RB_POWER_OFF);
-	reboot(RB_HALT_SYSTEM);
-	return 1;
-}
-"""
-
-
-# ---------------------------------------------------------------------------- floor
-
-
-def build_marker(workdir: Path) -> Path:
-    """The marker init, static (the initramfs has no libc): musl-gcc, else cc -static."""
-    src = workdir / "marker.c"
-    src.write_text(MARKER_C)
-    out = workdir / "marker-init"
-    for cc in ("musl-gcc", "cc"):
-        proc = subprocess.run([cc, "-static", "-Os", "-o", str(out), str(src)],
-                              capture_output=True, check=False)
-        if proc.returncode == 0:
-            return out
-    raise RuntimeError(f"cannot build the marker init: {proc.stderr.decode(errors='replace')}")
-
-
-AGENT_ARGS = ("virtio-serial-device", "id=agent,", "virtserialport,")
-
-
-def strip_agent_channel(cmd: list[str]) -> list[str]:
-    """Our engine's command line without the agent's virtio-serial device, port and chardev."""
-    out: list[str] = []
-    i = 0
-    while i < len(cmd):
-        if cmd[i] in ("-device", "-chardev") and i + 1 < len(cmd) and any(
-                a in cmd[i + 1] for a in AGENT_ARGS):
-            i += 2
-            continue
-        out.append(cmd[i])
-        i += 1
-    if len(out) != len(cmd) - 6:
-        raise RuntimeError("the engine's command line changed shape; update strip_agent_channel")
-    return out
-
-
-class Floor:
-    """Boots the marker initramfs with the engine's command line, minus the agent channel."""
-
-    def __init__(self, home: common.Home, rootfs: Path, workdir: Path) -> None:
-        from supermachine.engine.base import MachineConfig
-        from supermachine.engine.qemu import qemu_binary
-        from supermachine.guest.assets import ensure_guest_assets
-
-        marker = build_marker(workdir)
-        # Same kernel, modules and layout as the real initramfs; only /init differs.
-        assets = ensure_guest_assets(home, init=marker)
-        self.config = MachineConfig(kernel=assets.kernel, initrd=assets.initrd,
-                                    cmdline=assets.cmdline, rootfs=rootfs, memory_mib=512,
-                                    cpus=1, accel=common.machine_accel())
-        self.qemu = qemu_binary()
-
-    def command(self, qmp_fd: int, console_fd: int) -> list[str]:
-        from supermachine.engine.qemu import build_command
-
-        # agent_fd is a placeholder: the agent chardev that would use it is removed.
-        full = build_command(self.config, qemu=self.qemu, agent_fd=999, qmp_fd=qmp_fd,
-                             console_fd=console_fd)
-        return strip_agent_channel(full)
-
-    def boot(self, timeout: float = 120) -> tuple[float, float]:
-        """(seconds to the marker on the console, seconds to QEMU's reaped exit)."""
-        qmp_host, qmp_guest = socket.socketpair()
-        con_host, con_guest = socket.socketpair()
-        try:
-            cmd = self.command(qmp_guest.fileno(), con_guest.fileno())
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=con_guest.fileno(),
-                                    stderr=con_guest.fileno(),
-                                    pass_fds=[qmp_guest.fileno(), con_guest.fileno()])
-            qmp_guest.close()
-            con_guest.close()
-            try:
-                seen, console = self._read_console(con_host, t0, timeout)
-                proc.wait(timeout=timeout)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            t_exit = time.perf_counter() - t0
-        finally:
-            for s in (qmp_host, qmp_guest, con_host, con_guest):
-                s.close()
-        if seen is None:
-            raise RuntimeError(f"floor VM never printed its marker: {console[-500:]!r}")
-        return seen, t_exit
-
-    @staticmethod
-    def _read_console(sock: socket.socket, t0: float, timeout: float) -> tuple[float | None, bytes]:
-        seen = None
-        buf = b""
-        sock.settimeout(timeout)
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return seen, buf
-            buf = (buf + chunk)[-4096:]
-            if seen is None and MARKER in buf:
-                seen = time.perf_counter() - t0
-
+import tables
+from common import summary
+from floors import BootFloor, RestoreFloor
 
 # ---------------------------------------------------------------------------- phases
 
@@ -203,7 +85,7 @@ def phases_child(image: str, home_root: str) -> None:
     engine = QemuEngine()
     t0 = t()
     engine.identity()  # VM puts it in the snapshot key (a stat of the QEMU binary)
-    marks["qemu --version probe"] = t() - t0
+    marks["engine identity (stat of QEMU)"] = t() - t0
     config = MachineConfig(kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline,
                            rootfs=rootfs, memory_mib=512, cpus=1, accel=accel.name)
     t0 = t()
@@ -313,42 +195,66 @@ def rootfs_build(image: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- main
 
-MODES = ("cli restore", "cli first run", "cli boot", "cli boot, no network", "floor")
+RESTORE_MODES = ("cli restore", "cli restore, no network")
+BOOT_MODES = ("cli boot", "cli boot, no network")
+MODES = (*RESTORE_MODES, "restore floor", *BOOT_MODES, "boot floor", "cli first use")
+# Which floor each mode is compared with: like with like, a restore with a restore.
+FLOOR_OF = {**dict.fromkeys(RESTORE_MODES, "restore floor"),
+            **dict.fromkeys((*BOOT_MODES, "cli first use"), "boot floor"),
+            "restore floor": "restore floor", "boot floor": "boot floor"}
+BOOT_TARGET = 1.3  # issue 2: a cold run within 1.3x of bare QEMU booting
 
 
-def one_rep(mode: str, image: Path, floor: Floor, warm: common.Home, bake: common.Home
-            ) -> tuple[float, str]:
+@dataclasses.dataclass
+class Floors:
+    boot: BootFloor
+    restore: RestoreFloor
+    restore_to_running: list[float] = dataclasses.field(default_factory=list)
+    boot_to_marker: list[float] = dataclasses.field(default_factory=list)
+
+
+def one_rep(mode: str, image: Path, floors: Floors, warm: common.Home) -> tuple[float, str]:
     """(seconds, what the CLI printed on stderr) for one run in ``mode``."""
     run = [common.CLI, "run"]
-    if mode == "floor":
-        return floor.boot()[1], ""
-    if mode == "cli restore":  # the default path once the image has run here before
-        argv, home = [*run, str(image), "true"], warm
-    elif mode == "cli first run":  # no snapshot yet: boot, bake the snapshot, restore it
-        shutil.rmtree(bake.root / "snapshots", ignore_errors=True)
-        argv, home = [*run, str(image), "true"], bake
-    elif mode == "cli boot":  # cold boot, default network (a passt process and a NIC)
-        argv, home = [*run, "--no-snapshot", str(image), "true"], warm
-    else:  # "cli boot, no network": cold boot with the floor's devices
-        argv, home = [*run, "--no-snapshot", "--network", "none", str(image), "true"], warm
-    t = common.run_timed(argv, env=common.home_env(home))
+    if mode == "boot floor":
+        marker, seconds = floors.boot.boot()
+        floors.boot_to_marker.append(marker)
+        return seconds, ""
+    if mode == "restore floor":
+        running, seconds = floors.restore.restore()
+        floors.restore_to_running.append(running)
+        return seconds, ""
+    if mode == "cli first use":
+        # A fresh, empty home every time: no blobs, rootfs or snapshot, only the kernel.
+        with common.fresh_home("firstuse") as fresh:
+            t = common.run_timed([*run, str(image), "true"], env=common.home_env(fresh))
+        return t.seconds, t.stderr.decode(errors="replace")
+    argv = {"cli restore": [*run, str(image), "true"],
+            "cli restore, no network": [*run, "--network", "none", str(image), "true"],
+            "cli boot": [*run, "--no-snapshot", str(image), "true"],
+            "cli boot, no network": [*run, "--no-snapshot", "--network", "none", str(image),
+                                     "true"]}[mode]
+    t = common.run_timed(argv, env=common.home_env(warm))
     return t.seconds, t.stderr.decode(errors="replace")
 
 
-def compare(image: Path, floor: Floor, warm: common.Home, bake: common.Home, reps: int
+def compare(image: Path, floors: Floors, warm: common.Home, reps: int
             ) -> tuple[dict[str, list[float]], list[str]]:
-    """All modes, interleaved rep by rep, so slow phases of the machine hit them all.
+    """All modes, interleaved rep by rep (order rotating), so slow phases hit them all.
 
     Also returns the CLI's notices of snapshot restores that failed (and fell back to a
     boot): such a sample is kept, since a user would wait for it too, but reported.
     """
-    common.run_timed([common.CLI, "run", str(image), "true"],
-                     env=common.home_env(warm))  # bakes the warm home's snapshot if needed
+    for argv in ([str(image), "true"], ["--network", "none", str(image), "true"]):
+        # Bakes the warm home's snapshots if needed; warms the page cache. Untimed.
+        common.run_timed([common.CLI, "run", *argv], env=common.home_env(warm))
+    floors.boot.boot()
+    floors.restore.restore()
     runs: dict[str, list[float]] = {m: [] for m in MODES}
     failed: list[str] = []
-    for _ in range(reps):
-        for mode in MODES:
-            seconds, err = one_rep(mode, image, floor, warm, bake)
+    for rep in range(reps):
+        for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
+            seconds, err = one_rep(mode, image, floors, warm)
             runs[mode].append(seconds)
             failed += [f"{mode}: {line}" for line in err.splitlines()
                        if "restoring the snapshot failed" in line]
@@ -379,82 +285,53 @@ def main() -> int:
         assert src is not None
         rootfs[name] = ensure_rootfs(open_local(src), warm)
 
-    results: dict[str, Any] = {"machine": info, "reps": reps, "quick": args.quick}
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="sm-bench-floor-") as tmp, \
-            common.fresh_home("bake") as bake:
-        common.link_tree(warm.rootfs, bake.rootfs)  # first runs, but of cached root filesystems
-        floor = Floor(warm, rootfs["busybox"], Path(tmp))
-        results["floor_command"] = floor.command(qmp_fd=3, console_fd=4)
+    results: dict[str, Any] = {"machine": info, "reps": reps, "quick": args.quick,
+                               "modes": list(MODES), "floor_of": FLOOR_OF,
+                               "boot_target_ratio": BOOT_TARGET}
+    with tempfile.TemporaryDirectory(prefix="sm-bench-floor-") as tmp:
+        boot_floor = BootFloor(warm, rootfs["busybox"], Path(tmp))
+        results["boot_floor_command"] = boot_floor.command(qmp_fd=3, console_fd=4)
         for name, layout in images.items():
-            # The floor attaches the same disk as ours (neither reads it before init runs).
-            floor.config = dataclasses.replace(floor.config, rootfs=rootfs[name])
-            runs, failed = compare(layout, floor, warm, bake, reps)
+            # The boot floor attaches the same disk as ours (neither reads it before init).
+            boot_floor.config = dataclasses.replace(boot_floor.config, rootfs=rootfs[name])
+            floors = Floors(boot_floor, RestoreFloor.from_vm(layout, warm))
+            runs, failed = compare(layout, floors, warm, reps)
             if failed:
                 print(f"warning: {name}: {len(failed)} snapshot restores failed and booted "
                       f"instead, e.g. {failed[0]}")
             s = {m: summary(v) for m, v in runs.items()}
-            ratios = {m: s[m]["median"] / s["floor"]["median"] for m in MODES}
-            results[name] = {"summary": s, "ratio_median_vs_floor": ratios,
-                             "target_ratio": 1.3, "samples": runs,
-                             "restore_failures": failed}
-            for m in MODES:
-                rows.append([name, m, fmt_s(s[m]["median"]), fmt_s(s[m]["p99"]),
-                             f"{ratios[m]:.2f}x", "" if m == "floor" else
-                             ("yes" if ratios[m] <= 1.3 else "NO")])
-    common.print_table(
-        f"run IMAGE true, whole process wall time ({reps} interleaved reps, accel "
-        f"{info['accel']})", ["image", "mode", "p50", "p99", "/floor p50", "<=1.3x"], rows)
-    print("modes: cli restore = `supermachine run IMAGE true` with the image's automatic "
-          "snapshot present (the default path);\n  cli first run = the same with no snapshot "
-          "yet (boot + bake + restore);\n  cli boot = `run --no-snapshot` (cold boot, default "
-          "network: passt + NIC);\n  cli boot, no network = `run --no-snapshot --network none`"
-          " (the floor's devices);\n  floor = bare QEMU, our command line minus the agent "
-          "channel (no NIC), /init = marker + poweroff.")
+            results[name] = {
+                "summary": s, "samples": runs, "restore_failures": failed,
+                "ratio_median_vs_floor": {m: s[m]["median"] / s[FLOOR_OF[m]]["median"]
+                                          for m in MODES},
+                "cold_over_restore": {
+                    "cli boot / cli restore": s["cli boot"]["median"] / s["cli restore"]["median"],
+                    "cli boot, no network / cli restore, no network":
+                        s["cli boot, no network"]["median"]
+                        / s["cli restore, no network"]["median"]},
+                "restore_floor_to_running": summary(floors.restore_to_running),
+                "boot_floor_to_marker": summary(floors.boot_to_marker),
+                "restore_floor_command": floors.restore.command(5, 3, 4, 6)}
 
     # Where the time goes.
     startup_reps = 5 if args.quick else 20
-    py_pass = [common.run_timed([sys.executable, "-c", "pass"]).seconds
-               for _ in range(startup_reps)]
-    cli_help = [common.run_timed([common.CLI, "--help"]).seconds for _ in range(startup_reps)]
+    py_pass, cli_help = [], []
+    for _ in range(startup_reps):  # interleaved: both see the same machine
+        py_pass.append(common.run_timed([sys.executable, "-c", "pass"]).seconds)
+        cli_help.append(common.run_timed([common.CLI, "--help"]).seconds)
     phase_reps = 1 if args.quick else 5
     results["python_startup"] = summary(py_pass)
     results["cli_help"] = summary(cli_help)
-    for label, mode, key in (("boot path, no snapshot, no network", "--phases-child",
-                              "cli boot, no network"),
-                             ("restore path", "--restore-phases-child", "cli restore")):
+    for mode in ("--phases-child", "--restore-phases-child"):
         phases, failures = measure_phases(mode, images["busybox"], warm, phase_reps)
         results[f"phases_busybox_{mode.strip('-')}"] = {k: summary(v) for k, v in phases.items()}
         if failures:
             results["restore_failures"] = failures
             print(f"\nwarning: {len(failures)} of {phase_reps} restores failed and booted "
                   f"instead: {failures[0]}")
-        prow = [["python -c pass (venv)", fmt_s(summary(py_pass)["median"]), startup_reps],
-                ["supermachine --help", fmt_s(summary(cli_help)["median"]), startup_reps]]
-        accounted = summary(py_pass)["median"]
-        for k, v in phases.items():
-            med = summary(v)["median"]
-            if not k.startswith("  "):  # indented rows split the row above them
-                accounted += med
-            prow.append([k, fmt_s(med), len(v)])
-        prow.append(["sum (python start + phases)", fmt_s(accounted), ""])
-        prow.append([f"whole process, {key} (from above)",
-                     fmt_s(results["busybox"]["summary"][key]["median"]), reps])
-        prow.append(["floor (from above)",
-                     fmt_s(results["busybox"]["summary"]["floor"]["median"]), reps])
-        common.print_table(f"phases of a busybox run, {label} (medians; a fresh process each)",
-                           ["phase", "median", "n"], prow)
-
-    build_rows = []
-    results["rootfs_build"] = {}
-    for name, layout in images.items():
-        r = rootfs_build(layout)
-        results["rootfs_build"][name] = r
-        build_rows.append([name, fmt_s(r["seconds"]), f"{r['squashfs_bytes'] / 1e6:.1f} MB",
-                           f"{r['layers_bytes'] / 1e6:.1f} MB"])
-    common.print_table("rootfs build in a fresh store (1 rep each)",
-                       ["image", "build", "squashfs size", "layers (compressed)"], build_rows)
-    common.write_results("bench_run", results)
+    results["rootfs_build"] = {name: rootfs_build(layout) for name, layout in images.items()}
+    common.print_tables(tables.bench_run(results))
+    common.write_results("bench_run", results, quick=args.quick)
     return 0
 
 

@@ -37,6 +37,8 @@ if str(REPO) not in sys.path:  # so `python bench/x.py` can import tests.fixture
 if str(REPO / "src") not in sys.path:
     sys.path.insert(1, str(REPO / "src"))
 
+from tables import SCHEMA, Table, fmt_s, render_text  # noqa: E402, F401 (fmt_s: for benches)
+
 from supermachine.home import Home  # noqa: E402 (needs the path set up above)
 
 RESULTS = REPO / "bench" / "results"
@@ -76,11 +78,12 @@ def percentile(samples: Sequence[float], q: float) -> float:
 
 
 def summary(samples: Sequence[float]) -> dict[str, float | int]:
+    """What results files report of a sample: the median (p50) and the tail, never a best-of
+    (a minimum flatters whichever side got lucky; raw samples sit beside it in the JSON)."""
     return {
         "n": len(samples),
         "median": statistics.median(samples),
         "p99": percentile(samples, 99),
-        "min": min(samples),
         "max": max(samples),
         "mean": statistics.fmean(samples),
     }
@@ -89,27 +92,24 @@ def summary(samples: Sequence[float]) -> dict[str, float | int]:
 # ---------------------------------------------------------------------------- output
 
 
-def fmt_s(seconds: float) -> str:
-    """Seconds as ms below 10 s (what people read in boot tables), else seconds."""
-    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+def print_tables(tables: Sequence[Table]) -> None:
+    """The same tables bench/report.py puts in the README, as text."""
+    print(render_text(tables), end="")
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+def write_results(name: str, data: dict[str, Any], *, quick: bool) -> Path:
+    """JSON at results/<name>-<timestamp>.json, copied to results/<name>-latest.json.
 
-
-def write_results(name: str, data: dict[str, Any]) -> Path:
-    """JSON at results/<name>-<timestamp>.json, copied to results/<name>-latest.json."""
+    ``quick`` is recorded in the file: bench/report.py prefers full runs, and labels a
+    smoke run's numbers as such when it has nothing else.
+    """
+    if "machine" not in data:
+        raise ValueError("results without machine facts cannot be traced to a machine")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     path = RESULTS / f"{name}-{stamp}.json"
+    machine = {**data["machine"], "loadavg_1m_at_end": round(load_average(), 2)}
+    data = {**data, "machine": machine, "bench": name, "quick": quick, "schema": SCHEMA}
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     path.write_text(text)
     latest = RESULTS / f"{name}-latest.json"
@@ -150,8 +150,21 @@ def machine_info() -> dict[str, Any]:
         "qemu": QemuEngine().version(),
         "python": sys.version.split()[0],
         "loadavg_1m_at_start": round(load_average(), 2),
+        "code": code_version(),
         "python_bytecode_cache": "on for measured processes (PYTHONDONTWRITEBYTECODE dropped)",
     }
+
+
+def code_version() -> str:
+    """The commit measured, marked "+dirty" when src/ had uncommitted changes (the numbers
+    then belong to a working tree, not to that commit)."""
+    def git(*argv: str) -> str:
+        proc = subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True,
+                              text=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--", "src") else "")
 
 
 def machine_accel() -> str:

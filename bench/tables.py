@@ -1,0 +1,344 @@
+"""The benchmarks' tables, built from a results file's JSON alone.
+
+One function per benchmark turns its results (the dict it writes to bench/results/) into
+tables. The benchmark prints them as text when it finishes, and bench/report.py renders the
+same tables as Markdown into bench/README.md, so a published number is always one a results
+file holds. Pure code: no I/O, no clock, no imports of the package (the report runs without
+a VM, and its output must be the same every time for the same files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Version of the results files' layout. The report ignores files of another version (a
+#: table function cannot read a layout it was not written for); bump it whenever a
+#: benchmark's JSON changes shape.
+SCHEMA = 2
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt_s(seconds: float) -> str:
+    """Milliseconds below a second (three decimals below one: loopback latencies), else
+    seconds."""
+    if seconds < 0.001:
+        return f"{seconds * 1000:.3f} ms"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def fmt_x(ratio: float) -> str:
+    return f"{ratio:.2f}x"
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def render_text(tables: Sequence[Table]) -> str:
+    out = []
+    for t in tables:
+        cells = [[str(c) for c in row] for row in t.rows]
+        widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+                  for i, h in enumerate(t.headers)]
+        out.append(f"\n{t.title}")
+        out.append("  ".join(h.ljust(w) for h, w in zip(t.headers, widths, strict=True)))
+        out.append("  ".join("-" * w for w in widths))
+        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+                for row in cells]
+        out += t.notes
+    return "\n".join(out) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    # Leading spaces mark sub-rows in text tables; Markdown would drop them.
+    stripped = text.lstrip(" ")
+    indent = "· " * ((len(text) - len(stripped)) // 2)
+    return (indent + stripped).replace("|", "\\|")
+
+
+def render_markdown(tables: Sequence[Table]) -> str:
+    out = []
+    for t in tables:
+        out.append(f"**{t.title}**")
+        out.append("")
+        out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
+        out.append("|" + "|".join("---" for _ in t.headers) + "|")
+        out += ["| " + " | ".join(_md_cell(str(c)) for c in row) + " |" for row in t.rows]
+        if t.notes:
+            out.append("")
+            out += [note.strip() + "  " if i < len(t.notes) - 1 else note.strip()
+                    for i, note in enumerate(t.notes)]
+        out.append("")
+    return "\n".join(out)
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    """Where and when a results file was measured, in one line."""
+    m = results["machine"]
+    accel = m["accel"] + (" (hardware)" if m.get("accel_hardware") else " (emulated)")
+    load = f"load {m.get('loadavg_1m_at_start')}"
+    if "loadavg_1m_at_end" in m:
+        load += f" at start, {m['loadavg_1m_at_end']} at end"
+    mode = "quick smoke run" if results.get("quick") else "full run"
+    return (f"{mode}, {m['date_utc']}; accelerator {accel}; {m['qemu']}; {m['cpu']}, "
+            f"{m['cores']} cores; {load}; code {m.get('code', 'unknown')}")
+
+
+# ---------------------------------------------------------------------------- benchmarks
+
+
+def bench_run(r: dict[str, Any]) -> list[Table]:
+    images = [k for k in ("busybox", "python") if k in r]
+    target = r["boot_target_ratio"]
+    rows, cold = [], []
+    for name in images:
+        res = r[name]
+        s, ratios = res["summary"], res["ratio_median_vs_floor"]
+        for m in r["modes"]:
+            floor = r["floor_of"][m]
+            ok = ""
+            if m.startswith("cli boot"):
+                ok = "yes" if ratios[m] <= target else "NO"
+            rows.append([name, m, fmt_s(s[m]["median"]), fmt_s(s[m]["p99"]),
+                         "" if m == floor else floor, fmt_x(ratios[m]), ok])
+        cold += [[name, k, f"{v:.1f}x"] for k, v in res["cold_over_restore"].items()]
+    out = [
+        Table(f"`run IMAGE true`, whole process wall time ({r['reps']} interleaved reps, "
+              f"accel {r['machine']['accel']})",
+              ["image", "mode", "p50", "p99", "compared with", "/ floor (p50)",
+               f"boot <= {target}x"], rows,
+              ["restore floor: bare QEMU restoring the snapshot `cli restore, no network` "
+               "restores (same command line), Popen to RESUME, kill, reap.",
+               "boot floor: bare QEMU, our command line minus the agent channel, /init a "
+               "marker that powers off.",
+               "cli first use: `run IMAGE true` in a fresh, empty home each rep (rootfs "
+               "build + boot + bake + restore)."]),
+        Table("cold / restore (p50 over p50, same run)", ["image", "ratio", "value"], cold),
+    ]
+    for key, label, whole, floor in (
+            ("phases_busybox_phases-child", "boot path, no snapshot, no network",
+             "cli boot, no network", "boot floor"),
+            ("phases_busybox_restore-phases-child", "restore path", "cli restore",
+             "restore floor")):
+        if key not in r or "busybox" not in r:
+            continue
+        prow = [["python -c pass (venv)", fmt_s(r["python_startup"]["median"]),
+                 str(r["python_startup"]["n"])],
+                ["supermachine --help", fmt_s(r["cli_help"]["median"]),
+                 str(r["cli_help"]["n"])]]
+        accounted = r["python_startup"]["median"]
+        for k, v in r[key].items():
+            if not k.startswith("  "):  # indented rows split the row above them
+                accounted += v["median"]
+            prow.append([k, fmt_s(v["median"]), str(v["n"])])
+        prow.append(["sum (python start + phases)", fmt_s(accounted), ""])
+        for k in (whole, floor):
+            prow.append([f"{k} (from above)", fmt_s(r["busybox"]["summary"][k]["median"]),
+                         str(r["busybox"]["summary"][k]["n"])])
+        out.append(Table(f"phases of a busybox run, {label} (medians; a fresh process each)",
+                         ["phase", "median", "n"], prow))
+    if "rootfs_build" in r:
+        out.append(Table("rootfs build in a fresh store (1 rep each)",
+                         ["image", "build", "squashfs size", "layers (compressed)"],
+                         [[k, fmt_s(v["seconds"]), f"{v['squashfs_bytes'] / 1e6:.1f} MB",
+                           f"{v['layers_bytes'] / 1e6:.1f} MB"]
+                          for k, v in r["rootfs_build"].items()]))
+    return out
+
+
+def bench_pull(r: dict[str, Any]) -> list[Table]:
+    pulls, runs = [], []
+    labels = {
+        "run_cold": "run REF true, empty store (pull+rootfs+boot+snapshot bake+restore)",
+        "split_pull": "  split: supermachine pull",
+        "split_run_after_pull": "  split: then run REF true (rootfs+boot+bake+restore)",
+        "split_run_cached": "  then run REF true again (snapshot restore)"}
+    for name, res in r["images"].items():
+        mb = res["image_blob_bytes"] / 1e6
+        ours, sk, ratio = res["ours"], res["skopeo"], res["ratio_median"]
+        pulls += [
+            [name, f"{mb:.1f} MB", "supermachine pull", fmt_s(ours["median"]),
+             fmt_s(ours["p99"]), f"{mb / ours['median']:.0f}", fmt_x(ratio),
+             "yes" if ratio <= res["target_ratio"] else "NO"],
+            [name, f"{mb:.1f} MB", "skopeo copy -> oci:", fmt_s(sk["median"]),
+             fmt_s(sk["p99"]), f"{mb / sk['median']:.0f}", fmt_x(1.0), ""]]
+        runs += [[name, labels.get(k, k), fmt_s(v["median"]), fmt_s(v["max"]), str(v["n"])]
+                 for k, v in res["first_run"].items()]
+    return [
+        Table(f"pull from a loopback registry into a cold store ({r['reps']} reps each, "
+              "which tool goes first alternating, after an untimed warm-up of each)",
+              ["image", "size", "puller", "p50", "p99", "MB/s (p50)", "/ skopeo (p50)",
+               "<= 1.0x"], pulls),
+        Table(f"time to first run of a freshly pulled image (accel {r['machine']['accel']}, "
+              "a fresh home each rep)", ["image", "step", "median", "max", "n"], runs),
+    ]
+
+
+def bench_exec(r: dict[str, Any]) -> list[Table]:
+    vm, host = r["vm"], r["host_baseline"]
+    mb = r["stream_bytes"] // 1_000_000
+    out = [Table(
+        f"exec into one running busybox VM vs sm-init as a host process ({r['exec_calls']} "
+        f"calls each, interleaved; accel {r['machine']['accel']})",
+        ["measure", "VM", "host baseline", "VM / baseline"],
+        [["exec true p50", fmt_s(vm["exec_true"]["median"]),
+          fmt_s(host["exec_true"]["median"]), f"{r['ratio_exec_p50']:.1f}x"],
+         ["exec true p99", fmt_s(vm["exec_true"]["p99"]), fmt_s(host["exec_true"]["p99"]),
+          f"{vm['exec_true']['p99'] / host['exec_true']['p99']:.1f}x"],
+         [f"stdout {mb} MB (median of {r['stream_reps']})",
+          f"{vm['stream_mb_s_median']:.1f} MB/s", f"{host['stream_mb_s_median']:.1f} MB/s",
+          fmt_x(r["ratio_stream_mb_s"])]],
+        [f"exec p50 target <= {fmt_s(r['target_exec_p50_seconds'])}: "
+         f"{'met' if vm['exec_true']['median'] <= r['target_exec_p50_seconds'] else 'NOT met'}"
+         ])]
+    d = r["guest_diagnostics"]
+    out.append(Table("inside the VM (diagnostics, medians)", ["measure", "value"], [
+        ["agent PING round trip (50)", fmt_s(d["agent_ping_rtt_median"])],
+        ["spawn(['true']) to STARTED (fork, execve done; 30)",
+         fmt_s(d["spawn_to_started_median"])],
+        ["STARTED to exit status (30)", fmt_s(d["started_to_exit_median"])],
+        ["vm.exec(['/bin/true']) (no PATH search, 50)", fmt_s(d["exec_abs_true_median"])],
+        ["guest sh loop of /bin/true, per run (busybox ash may skip the exec)",
+         fmt_s(d["guest_fork_exec_true"])],
+        ["guest dd to /dev/null", f"{d['guest_dd_to_devnull_mb_s']:.1f} MB/s"],
+        ["guest dd | cat > /dev/null (a pipe inside the guest)",
+         f"{d['guest_dd_pipe_cat_mb_s']:.1f} MB/s"]]))
+    cli = r["cli_half"]
+    if cli.get("status") == "measured":
+        out.append(Table(
+            f"CLI: whole processes against a detached busybox VM ({cli['reps']} interleaved "
+            "reps)", ["command", "p50", "p99"],
+            [[k, fmt_s(cli[k]["median"]), fmt_s(cli[k]["p99"])]
+             for k in ("cli exec true", "python -c pass", "supermachine --help")]))
+    else:
+        out.append(Table("CLI half", ["status"], [[cli.get("status", "missing")]]))
+    return out
+
+
+def bench_snapshot(r: dict[str, Any]) -> list[Table]:
+    api = r["api"]
+
+    def row(label: str, s: dict[str, Any], ratio: str = "") -> list[str]:
+        return [label, str(s["n"]), fmt_s(s["median"]), fmt_s(s["p99"]), ratio]
+
+    floor = api["restore_floor"]["median"]
+    out = [
+        Table(f"restore (busybox, API, {r['memory']} guest), interleaved; compared with bare "
+              "QEMU restoring the same snapshot",
+              ["measure", "n", "p50", "p99", "/ restore floor (p50)"], [
+                  row("restore -> first exec result", api["restore_to_first_exec"]),
+                  row("  of which restore (start())", api["restore_only"],
+                      fmt_x(api["ratio_restore_only_over_floor"])),
+                  row("  of which first exec", api["first_exec_after_restore"]),
+                  row("restore -> first exec result, no network",
+                      api["restore_to_first_exec_no_network"]),
+                  row("  of which restore (start()), no network",
+                      api["restore_only_no_network"],
+                      fmt_x(api["ratio_restore_only_no_network_over_floor"])),
+                  row("restore floor (bare QEMU, Popen to RESUME, kill, reap)",
+                      api["restore_floor"], fmt_x(1.0)),
+                  row("  of which to RESUME", api["restore_floor_to_running"],
+                      fmt_x(api["restore_floor_to_running"]["median"] / floor)),
+                  row("first exec, snapshot without prefetch",
+                      api["first_exec_after_restore_unprefetched"]),
+                  row("CLI run IMAGE echo x", r["cli_run_echo"]),
+                  row("pool acquire -> exec (warm)", r["pool_acquire_to_exec"]),
+              ],
+              ["The restore floor restores the `network=\"none\"` VMs' snapshot; the default "
+               "VMs' ratio also counts their network (passt)."]),
+        Table("cold boot and first use (busybox, API)", ["measure", "n", "p50", "p99", "ratio"], [
+            row("cold boot -> first exec result", api["cold_boot_to_first_exec"]),
+            row("first use: start() in a fresh, empty home (rootfs + boot + bake + restore)",
+                r["first_use"]),
+            ["cold / restore (first exec result, p50 over p50)", "", "",
+             "", f"{api['ratio_cold_over_restore']:.1f}x"]]),
+    ]
+    idle = r["idle_python_vm"]
+    out.append(Table(f"idle restored python VMs (n={idle['sample']}, medians)",
+                     ["measure", "value"], [
+                         ["QEMU RSS", mib(idle["qemu_rss_median"])],
+                         ["QEMU PSS", mib(idle["qemu_pss_median"])],
+                         ["guest RAM resident in QEMU", mib(idle["guest_ram_resident_median"])],
+                         ["  of it shared (not copied on write)",
+                          f"{idle['guest_ram_shared_fraction_median']:.0%}"],
+                         ["host process RSS per VM", mib(idle["host_process_rss_per_vm"])]]))
+    d = r["density"]
+    out.append(Table("density: idle python VMs started one after another",
+                     ["started", "cap", "answering at the end", "MemAvailable with all",
+                      "first failure"],
+                     [[str(d["started"]), str(d["cap"]), str(d["alive_at_end"]),
+                       mib(d["mem_available_with_all_running"]),
+                       str(d["first_failure"] or "none")]]))
+    return out
+
+
+def bench_net(r: dict[str, Any]) -> list[Table]:
+    p, runs = r["params"], r["runs"]
+    base = runs["host"]
+    rows = []
+    for name, x in runs.items():
+        ka, nc = x["keepalive"], x["new_conn"]
+        rows.append([
+            name, f"{ka['rps']:.0f}", fmt_s(ka["latency"]["median"]),
+            fmt_s(ka["latency"]["p99"]), f"{nc['rps']:.0f}", fmt_s(nc["latency"]["p99"]),
+            f"{x['bulk_in_mb_s_median']:.1f}", f"{x['bulk_out_mb_s_median']:.1f}",
+            f"{ka['rps'] / base['keepalive']['rps']:.3f}",
+            f"{x['bulk_in_mb_s_median'] / base['bulk_in_mb_s_median']:.3f}",
+            f"{x['bulk_out_mb_s_median'] / base['bulk_out_mb_s_median']:.3f}"])
+    return [
+        Table(f"published port vs the same server on the host ({p['conns']} connections, "
+              f"{p['requests']} requests, {p['bytes'] // 1_000_000} MB bulk, {p['rounds']} "
+              f"interleaved rounds; accel {r['machine']['accel']})",
+              ["server", "req/s", "p50", "p99", "new-conn req/s", "new-conn p99", "in MB/s",
+               "out MB/s", "req/s ratio", "in ratio", "out ratio"], rows,
+              ["req/s and MB/s: medians over rounds; latencies: percentiles over all "
+               "requests."]),
+        Table("VM costs (one start each)",
+              ["backend", "VM start", "restored", "QEMU RSS", "passt RSS"],
+              [[n, fmt_s(x["vm_start_seconds"]), str(x["restored"]),
+                f"{(x['qemu_rss_kib'] or 0) // 1024} MiB",
+                f"{x['passt_rss_kib'] // 1024} MiB" if x.get("passt_rss_kib") else "-"]
+               for n, x in runs.items() if n != "host"]),
+    ]
+
+
+PEER_ORDER = ("supermachine, no network", "supermachine", "gVisor, no network", "gVisor",
+              "runc, no network", "runc")
+
+
+def bench_peers(r: dict[str, Any]) -> list[Table]:
+    s, ratios = r["summary"], r["ratio_median_vs_baseline"]
+    rows = []
+    names = [n for n in PEER_ORDER if n in s or n in r["unavailable"]]
+    names += [n for n in (*s, *r["unavailable"]) if n not in names]
+    for name in names:
+        if name in s:
+            rows.append([name, fmt_s(s[name]["median"]), fmt_s(s[name]["p99"]),
+                         fmt_x(ratios[name]) if name in ratios else "-"])
+        else:
+            rows.append([name, "unavailable", "", r["unavailable"][name]])
+    v = r.get("versions", {})
+    notes = [f"{k}: {v[k]}" for k in sorted(v)]
+    if "runsc_flags" in r.get("setup", {}):
+        notes.append("runsc flags: " + " ".join(f"--{f}" for f in r["setup"]["runsc_flags"]))
+    return [Table(f"`run IMAGE echo x` beside podman + runc and podman + gVisor (busybox, "
+                  f"{r['reps']} interleaved reps; accel {r['machine']['accel']})",
+                  ["command", "p50", "p99", f"/ {r['baseline']} (p50)"], rows, notes)]
+
+
+TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
+    "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
+    "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
+}
