@@ -1,0 +1,237 @@
+"""bench/report.py: the README's tables come from results files, the same way every time.
+
+    .venv/bin/python -m pytest bench/test_report.py
+
+No VM, no clock: synthetic results files of every benchmark, in the layout the benchmarks
+write (tables.SCHEMA), rendered into a README with generated sections.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import report
+import tables
+
+MACHINE = {"date_utc": "2026-11-27T12:00:00Z", "host": "h", "cpu": "Test CPU", "cores": 2,
+           "accel": "tcg", "accel_hardware": False, "accel_reason": "no kvm",
+           "qemu": "QEMU emulator version 7.2.0", "python": "3.11.2",
+           "loadavg_1m_at_start": 0.5, "loadavg_1m_at_end": 0.7, "code": "abc123"}
+
+
+def summ(x: float, n: int = 3) -> dict[str, Any]:
+    return {"n": n, "median": x, "p99": x * 1.5, "max": x * 1.5, "mean": x * 1.1}
+
+
+def run_results() -> dict[str, Any]:
+    modes = ["cli restore", "cli restore, no network", "restore floor", "cli boot",
+             "cli boot, no network", "boot floor", "cli first use"]
+    floor_of = {m: ("restore floor" if "restore" in m else "boot floor") for m in modes}
+    times = dict(zip(modes, (0.6, 0.5, 0.05, 3.0, 2.8, 2.5, 5.0), strict=True))
+    per_image = {
+        "summary": {m: summ(t) for m, t in times.items()},
+        "ratio_median_vs_floor": {m: t / times[floor_of[m]] for m, t in times.items()},
+        "cold_over_restore": {"cli boot / cli restore": 5.0,
+                              "cli boot, no network / cli restore, no network": 5.6},
+    }
+    return {"modes": modes, "floor_of": floor_of, "boot_target_ratio": 1.3, "reps": 2,
+            "busybox": per_image, "python": per_image,
+            "python_startup": summ(0.02, 5), "cli_help": summ(0.04, 5),
+            "phases_busybox_phases-child": {"import": summ(0.04, 1),
+                                            "boot to HELLO": summ(2.4, 1)},
+            "phases_busybox_restore-phases-child": {"VM.start total": summ(0.15, 1),
+                                                    "  restore to HELLO": summ(0.1, 1)},
+            "rootfs_build": {"busybox": {"seconds": 0.05, "squashfs_bytes": 1_400_000,
+                                         "layers_bytes": 1_000_000}}}
+
+
+def pull_results() -> dict[str, Any]:
+    img = {"image_blob_bytes": 1_100_000, "ours": summ(0.2), "skopeo": summ(0.25),
+           "ratio_median": 0.8, "target_ratio": 1.0,
+           "first_run": {"run_cold": summ(4.0, 1), "split_pull": summ(0.2, 1)}}
+    return {"reps": 2, "run_reps": 1, "images": {"busybox": img, "python": img}}
+
+
+def exec_results() -> dict[str, Any]:
+    side = {"exec_true": summ(0.01), "stream_mb_s_median": 50.0}
+    return {"exec_calls": 30, "stream_bytes": 10_000_000, "stream_reps": 2, "vm": side,
+            "host_baseline": {"exec_true": summ(0.001), "stream_mb_s_median": 500.0},
+            "ratio_exec_p50": 10.0, "ratio_stream_mb_s": 0.1, "target_exec_p50_seconds": 0.01,
+            "guest_diagnostics": {"agent_ping_rtt_median": 0.0002,
+                                  "spawn_to_started_median": 0.005,
+                                  "started_to_exit_median": 0.003,
+                                  "exec_abs_true_median": 0.007,
+                                  "guest_fork_exec_true": 0.005,
+                                  "guest_dd_to_devnull_mb_s": 400.0,
+                                  "guest_dd_pipe_cat_mb_s": 60.0},
+            "cli_half": {"status": "measured", "reps": 10, "cli exec true": summ(0.08),
+                         "python -c pass": summ(0.01), "supermachine --help": summ(0.03)}}
+
+
+def snapshot_results() -> dict[str, Any]:
+    api = {k: summ(0.1) for k in (
+        "restore_to_first_exec", "restore_only", "first_exec_after_restore",
+        "restore_to_first_exec_no_network", "restore_only_no_network", "restore_floor",
+        "restore_floor_to_running", "first_exec_after_restore_unprefetched",
+        "cold_boot_to_first_exec")}
+    api.update(ratio_restore_only_no_network_over_floor=2.0, ratio_restore_only_over_floor=2.5,
+               ratio_cold_over_restore=5.5)
+    return {"memory": "256M", "api": api, "first_use": summ(4.0, 1),
+            "cli_run_echo": summ(0.5), "pool_acquire_to_exec": summ(0.02),
+            "idle_python_vm": {"sample": 3, "qemu_rss_median": 100 << 20,
+                               "qemu_pss_median": 70 << 20,
+                               "guest_ram_resident_median": 36 << 20,
+                               "guest_ram_shared_fraction_median": 0.6,
+                               "host_process_rss_per_vm": 1 << 17},
+            "density": {"started": 12, "cap": 12, "alive_at_end": 12, "first_failure": None,
+                        "mem_available_with_all_running": 18 << 30}}
+
+
+def net_results() -> dict[str, Any]:
+    def server(rps: float, mb: float, vm: bool) -> dict[str, Any]:
+        http = {"rps": rps, "latency": summ(1 / rps)}
+        out = {"keepalive": http, "new_conn": http, "bulk_in_mb_s_median": mb,
+               "bulk_out_mb_s_median": mb}
+        if vm:
+            out.update(vm_start_seconds=0.2, restored=True, qemu_rss_kib=150_000,
+                       passt_rss_kib=26_000)
+        return out
+
+    return {"params": {"conns": 8, "requests": 400, "bytes": 20_000_000, "rounds": 2},
+            "runs": {"host": server(30000.0, 3000.0, False), "passt": server(1800.0, 16.0, True),
+                     "slirp": server(1600.0, 39.0, True)}}
+
+
+def peers_results() -> dict[str, Any]:
+    s = {"supermachine": summ(0.6), "supermachine, no network": summ(0.5),
+         "runc, no network": summ(0.2), "runc": summ(0.5), "gVisor, no network": summ(0.35)}
+    return {"reps": 3, "baseline": "runc, no network", "summary": s,
+            "ratio_median_vs_baseline": {k: v["median"] / 0.2 for k, v in s.items()},
+            "unavailable": {"gVisor": "exit 126: cannot run with network enabled"},
+            "versions": {"podman": "podman version 4.3.1"},
+            "setup": {"runsc_flags": ["network=none"]}}
+
+
+FACTORIES = {"bench_run": run_results, "bench_pull": pull_results, "bench_exec": exec_results,
+             "bench_snapshot": snapshot_results, "bench_net": net_results,
+             "bench_peers": peers_results}
+
+README = """# Benchmarks
+
+Hand-written text stays as it is.
+
+{sections}
+Trailing text.
+"""
+
+
+def write(results: Path, bench: str, stamp: str, *, quick: bool, schema: int = tables.SCHEMA,
+          **extra: Any) -> Path:
+    data = {**FACTORIES[bench](), "machine": {**MACHINE, **extra}, "bench": bench,
+            "quick": quick, "schema": schema}
+    path = results / f"{bench}-{stamp}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def readme_with_sections() -> str:
+    sections = "".join(f"<!-- bench:{b} -->\nstale\n<!-- /bench:{b} -->\n\n"
+                       for b in tables.TABLES)
+    return README.format(sections=sections)
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    d = tmp_path / "results"
+    d.mkdir()
+    for bench in tables.TABLES:
+        write(d, bench, "20261127T120000Z", quick=False)
+    return d
+
+
+def test_factories_cover_every_benchmark() -> None:
+    assert set(FACTORIES) == set(tables.TABLES)
+
+
+def test_regenerate_is_deterministic_and_idempotent(results: Path, tmp_path: Path) -> None:
+    readme = readme_with_sections()
+    first = report.regenerate(readme, results, tmp_path)
+    assert report.regenerate(readme, results, tmp_path) == first
+    assert report.regenerate(first, results, tmp_path) == first
+    assert "stale" not in first
+    for bench in tables.TABLES:
+        assert f"From `results/{bench}-20261127T120000Z.json`" in first
+
+
+def test_text_outside_sections_is_kept(results: Path, tmp_path: Path) -> None:
+    out = report.regenerate(readme_with_sections(), results, tmp_path)
+    assert out.startswith("# Benchmarks\n\nHand-written text stays as it is.\n")
+    assert out.endswith("Trailing text.\n")
+
+
+def test_machine_facts_in_every_section(results: Path, tmp_path: Path) -> None:
+    out = report.regenerate(readme_with_sections(), results, tmp_path)
+    for fact in ("2026-11-27T12:00:00Z", "tcg (emulated)", "QEMU emulator version 7.2.0",
+                 "Test CPU", "load 0.5 at start, 0.7 at end", "code abc123"):
+        assert out.count(fact) == len(tables.TABLES), fact
+
+
+def test_full_run_preferred_over_newer_quick_run(results: Path, tmp_path: Path) -> None:
+    write(results, "bench_run", "20261128T000000Z", quick=True)
+    chosen = report.choose(results, "bench_run")
+    assert chosen is not None and chosen.path.name == "bench_run-20261127T120000Z.json"
+    write(results, "bench_run", "20261128T010000Z", quick=False)
+    chosen = report.choose(results, "bench_run")
+    assert chosen is not None and chosen.path.name == "bench_run-20261128T010000Z.json"
+
+
+def test_quick_run_used_and_labelled_when_alone(tmp_path: Path) -> None:
+    d = tmp_path / "results"
+    d.mkdir()
+    write(d, "bench_peers", "20261127T120000Z", quick=True)
+    out = report.regenerate(readme_with_sections(), d, tmp_path)
+    assert "Quick smoke run" in out
+    assert "*No results file of bench_run" in out
+
+
+def test_other_layouts_and_latest_copies_are_ignored(tmp_path: Path) -> None:
+    d = tmp_path / "results"
+    d.mkdir()
+    write(d, "bench_exec", "20261127T120000Z", quick=False)
+    write(d, "bench_exec", "20261129T120000Z", quick=False, schema=tables.SCHEMA - 1)
+    (d / "bench_exec-latest.json").write_text("{}")
+    (d / "bench_exec-20261130T120000Z.json").write_text("not json")
+    chosen = report.choose(d, "bench_exec")
+    assert chosen is not None and chosen.path.name == "bench_exec-20261127T120000Z.json"
+
+
+def test_unavailable_peer_is_reported_not_faked(results: Path, tmp_path: Path) -> None:
+    out = report.regenerate(readme_with_sections(), results, tmp_path)
+    assert "| gVisor | unavailable |  | exit 126: cannot run with network enabled |" in out
+
+
+def test_check_mode(results: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(readme_with_sections())
+    argv = ["--readme", str(readme), "--results", str(results)]
+    assert report.main([*argv, "--check"]) == 1
+    assert report.main(argv) == 0
+    assert report.main([*argv, "--check"]) == 0
+
+
+def test_text_and_markdown_render_the_same_cells(results: Path) -> None:
+    data = json.loads((results / "bench_peers-20261127T120000Z.json").read_text())
+    t = tables.bench_peers(data)
+    text, md = tables.render_text(t), tables.render_markdown(t)
+    for row in t[0].rows:
+        for cell in row:
+            assert cell in text and cell in md
+
+
+def test_repo_readme_has_a_section_per_benchmark() -> None:
+    text = (Path(__file__).parent / "README.md").read_text()
+    names = {m.group("name") for m in report.SECTION_RE.finditer(text)}
+    assert names == set(tables.TABLES)
