@@ -1,8 +1,10 @@
 """End-to-end fixtures: real QEMU VMs (TCG here), real images built from Debian packages.
 
-The guest kernel, initramfs and root filesystems are cached in one test home shared by the
-whole session (and by later sessions on the same machine), so only the first run pays for
-fetching the kernel and building squashfs images.
+The session's state home (a fresh one per session, see tests/conftest.py) holds the guest
+kernel, initramfs, root filesystems and detached VMs; the kernel's package is downloaded once
+per machine into the shared downloads directory (not for the unprivileged user: see
+``nobody_home``), and the test images are cached by tests/fixtures/images.py. Detached VMs
+get names unique to the session (``vm_name``).
 """
 
 from __future__ import annotations
@@ -18,34 +20,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SESSION, session_processes
 from tests.fixtures import images as fx
 
-TEST_HOME = Path(os.environ.get("SUPERMACHINE_TEST_HOME", "/var/tmp/supermachine-test-home"))
 CLI = [sys.executable, "-m", "supermachine"]
-
-
-# Marks the processes this test session starts (inherited through the environment), so
-# leak checks ignore VMs of anything else running on the machine.
-SESSION_MARK = f"SUPERMACHINE_TEST_SESSION={os.getpid()}"
-os.environ["SUPERMACHINE_TEST_SESSION"] = str(os.getpid())
 
 
 def qemu_pids() -> set[int]:
     """QEMU processes started by this test session."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            if b"qemu-system" not in cmd.split(b"\0", 1)[0]:
-                continue
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if SESSION_MARK.encode() in environ:
-            pids.add(int(entry.name))
-    return pids
+    return set(session_processes((b"qemu-system",)))
+
+
+def vm_name(prefix: str) -> str:
+    """A detached VM name no other test session uses."""
+    return f"{prefix}-{SESSION}"
 
 
 @pytest.fixture(autouse=True)
@@ -60,9 +48,8 @@ def no_leaked_vms() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def home() -> Path:
-    TEST_HOME.mkdir(parents=True, exist_ok=True)
-    return TEST_HOME
+def home(state_home) -> Path:
+    return state_home
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +77,14 @@ def cli(home):
 
 
 @pytest.fixture
-def nobody_home() -> Iterator[Path]:
-    """A home for the unprivileged user (pytest's tmp_path lives under a root-only dir)."""
+def nobody_home(monkeypatch) -> Iterator[Path]:
+    """A home for the unprivileged user (pytest's tmp_path lives under a root-only dir).
+
+    Its runs fetch the kernel themselves, into this home, as an ordinary user would: the
+    session's shared downloads directory is root's (SUPERMACHINE_DOWNLOADS is unset for
+    the test, and runuser passes the environment on).
+    """
+    monkeypatch.delenv("SUPERMACHINE_DOWNLOADS")
     path = Path(tempfile.mkdtemp(prefix="sm-nobody-"))
     path.chmod(0o755)
     os.chown(path, 65534, 65534)

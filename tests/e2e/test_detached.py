@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import CLI, qemu_pids, run_cli
+from tests.e2e.conftest import CLI, qemu_pids, run_cli, vm_name
 
 pytestmark = pytest.mark.e2e
 
@@ -44,12 +44,12 @@ def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None
 @pytest.fixture(scope="module")
 def shared(home, busybox):
     """A running detached VM, removed at the end of the module whatever happened."""
-    run_cli(home, "rm", "-f", "e2e-shared")  # a crashed earlier run may have left it
-    r = run_cli(home, "run", "-d", "--name", "e2e-shared", str(busybox), "sh", "-c", MAIN)
+    name = vm_name("e2e-shared")
+    r = run_cli(home, "run", "-d", "--name", name, str(busybox), "sh", "-c", MAIN)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == b"e2e-shared\n"
-    yield "e2e-shared"
-    run_cli(home, "rm", "-f", "e2e-shared")
+    assert r.stdout == f"{name}\n".encode()
+    yield name
+    run_cli(home, "rm", "-f", name)
 
 
 def test_exec_exit_codes_and_streams(cli, shared):
@@ -113,15 +113,19 @@ def test_cp_errors_are_one_line(cli, shared, tmp_path):
 
 
 def test_concurrent_execs(cli, shared):
+    # Each job marks that it started, then waits for all four marks: run one by one, the
+    # first would wait for the others in vain and exit 99.
     def one(i: int) -> subprocess.CompletedProcess[bytes]:
-        return cli("exec", shared, "sh", "-c", f"sleep 1; echo job{i}; exit {i}")
+        return cli("exec", shared, "sh", "-c",
+                   f"mkdir -p /tmp/side; touch /tmp/side/{i}; n=0; "
+                   "until [ $(ls /tmp/side | wc -l) -ge 4 ]; do "
+                   "n=$((n+1)); [ $n -gt 1200 ] && exit 99; sleep 0.1; done; "
+                   f"echo job{i}; exit {i}")
 
-    start = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(one, range(4)))
     assert [(r.returncode, r.stdout) for r in results] == \
         [(i, f"job{i}\n".encode()) for i in range(4)]
-    assert time.monotonic() - start < 4 * 1 + 3  # they ran side by side, not one by one
 
 
 def test_a_client_going_away_kills_its_exec_not_the_vm(home, cli, shared):
@@ -199,8 +203,7 @@ def test_stop_sends_the_stop_signal_and_logs_follow_ends(home, shared):
 
 
 def test_workload_exit_stops_the_vm(cli, home, busybox):
-    name = "e2e-exiter"
-    cli("rm", "-f", name)
+    name = vm_name("e2e-exiter")
     _ok(cli("run", "-d", "--name", name, str(busybox), "sh", "-c", "echo bye; sleep 1; exit 7"))
     _wait_for(lambda: _inspect(home, name)["state"]["status"] == "exited", what="the exit")
     info = _inspect(home, name)
@@ -212,8 +215,7 @@ def test_workload_exit_stops_the_vm(cli, home, busybox):
 
 
 def test_killed_supervisor_leaves_no_vm_and_is_removable(cli, home, busybox):
-    name = "e2e-killed"
-    cli("rm", "-f", name)
+    name = vm_name("e2e-killed")
     _ok(cli("run", "-d", "--name", name, str(busybox), "sleep", "1000"))
     info = _inspect(home, name)
     assert info["qemu_pid"] in qemu_pids()
@@ -229,8 +231,7 @@ def test_killed_supervisor_leaves_no_vm_and_is_removable(cli, home, busybox):
 
 
 def test_sigterm_to_the_supervisor_stops_the_workload_gracefully(cli, home, busybox):
-    name = "e2e-sigterm"
-    cli("rm", "-f", name)
+    name = vm_name("e2e-sigterm")
     _ok(cli("run", "-d", "--name", name, str(busybox), "sh", "-c",
             "trap 'echo cleaning up; exit 5' TERM; while :; do sleep 0.2; done"))
     info = _inspect(home, name)
@@ -243,37 +244,36 @@ def test_sigterm_to_the_supervisor_stops_the_workload_gracefully(cli, home, busy
 
 
 def test_rm_force_stops_a_running_vm(cli, home, busybox):
-    name = "e2e-forced"
-    cli("rm", "-f", name)
-    # The workload ignores SIGTERM: rm -f must not wait for a grace period.
+    name = vm_name("e2e-forced")
+    # The workload ignores SIGTERM: rm -f must still end it (how soon is bench/'s business).
     _ok(cli("run", "-d", "--name", name, str(busybox), "sh", "-c",
             "trap '' TERM; while :; do sleep 1; done"))
     pid = _inspect(home, name)["qemu_pid"]
-    start = time.monotonic()
+    assert pid in qemu_pids()
     _ok(cli("rm", "-f", name))
-    assert time.monotonic() - start < 8
     assert pid not in qemu_pids()
     assert cli("inspect", name).returncode != 0
 
 
 def test_start_failure_is_reported_and_frees_the_name(cli, home, busybox):
-    r = cli("run", "-d", "--name", "e2e-nobin", str(busybox), "no-such-binary")
+    name = vm_name("e2e-nobin")
+    r = cli("run", "-d", "--name", name, str(busybox), "no-such-binary")
     assert r.returncode == 127
     assert b"no-such-binary" in r.stderr and len(r.stderr.splitlines()) <= 2
-    assert not (home / "vms" / "e2e-nobin").exists()
+    assert not (home / "vms" / name).exists()
 
 
 def test_boot_error_is_one_line_and_frees_the_name(cli, home, tmp_path):
-    r = cli("run", "-d", "--name", "e2e-badimg", str(tmp_path / "no-such-layout"))
+    name = vm_name("e2e-badimg")
+    r = cli("run", "-d", "--name", name, str(tmp_path / "no-such-layout"))
     assert r.returncode == 125
     assert b"no-such-layout" in r.stderr and b"Traceback" not in r.stderr
     assert len(r.stderr.splitlines()) == 1
-    assert not (home / "vms" / "e2e-badimg").exists()
+    assert not (home / "vms" / name).exists()
 
 
 def test_vm_dying_mid_exec_is_a_clear_error_not_a_hang(cli, home, busybox):
-    name = "e2e-dying"
-    cli("rm", "-f", name)
+    name = vm_name("e2e-dying")
     _ok(cli("run", "-d", "--name", name, str(busybox), "sleep", "1000"))
     env = {**os.environ, "SUPERMACHINE_HOME": str(home)}
     client = subprocess.Popen([*CLI, "exec", name, "sh", "-c", "echo ready; sleep 1000"],

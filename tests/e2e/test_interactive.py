@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import CLI, run_cli
+from tests.e2e.conftest import CLI, run_cli, vm_name
 
 pytestmark = pytest.mark.e2e
 
@@ -78,11 +78,10 @@ def test_run_it_types_interrupts_and_exits_with_the_shells_status(home, busybox)
         term.expect(b"hi2\r\n")
         term.type(b"sleep 30; echo not-interrupted\r")
         time.sleep(1.0)
-        start = time.monotonic()
         term.type(b"\x03")  # Ctrl-C: a byte to the guest's terminal, SIGINT for sleep there
         term.type(b"echo after-$((6*7))\r")
         before = term.expect(b"after-42")
-        assert time.monotonic() - start < 15
+        # Had the sleep not been interrupted, it would have printed this first.
         assert b"\nnot-interrupted" not in before  # only the echo of what was typed
         term.type(b"exit 3\r")
         assert term.wait() == 3
@@ -93,8 +92,7 @@ def test_run_it_types_interrupts_and_exits_with_the_shells_status(home, busybox)
 
 
 def test_exec_it_follows_the_window_size(home, busybox):
-    name = "e2e-tty"
-    run_cli(home, "rm", "-f", name)
+    name = vm_name("e2e-tty")
     r = run_cli(home, "run", "-d", "--name", name, str(busybox), "sleep", "1000")
     assert r.returncode == 0, r.stderr
     try:

@@ -24,7 +24,7 @@ import pytest
 from supermachine.errors import EngineError
 from supermachine.vm import VM
 
-from .conftest import run_cli
+from .conftest import run_cli, vm_name
 
 TOKEN = b"hello-from-the-host-" + os.urandom(4).hex().encode()
 DNS_NAME = "svc.sm-test.internal"
@@ -354,17 +354,22 @@ def test_network_none_has_no_interface_or_route(home, busybox):
     assert r.stdout.decode().split() == ["lo", "routes"]
 
 
-def test_host_port_in_use_is_a_clear_error_before_boot(home, busybox):
+def test_host_port_in_use_is_a_clear_error_before_boot(home, busybox, tmp_path, monkeypatch):
+    # "Before boot": QEMU is never run. A probe stands in for it (SUPERMACHINE_QEMU) and
+    # leaves a file behind if anything runs it; a real QEMU would boot and prove nothing.
+    probe, ran = tmp_path / "qemu-probe", tmp_path / "qemu-ran"
+    probe.write_text(f"#!/bin/sh\necho \"$@\" >> {ran}\nexit 1\n")
+    probe.chmod(0o755)
+    monkeypatch.setenv("SUPERMACHINE_QEMU", str(probe))
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        t0 = time.monotonic()
         r = run_cli(home, "run", "-p", f"{port}:80", str(busybox), "true")
         assert r.returncode == 125
         err = r.stderr.decode()
         assert f"host port 127.0.0.1:{port}/tcp is already in use" in err, err
-        assert time.monotonic() - t0 < 5  # refused before any boot
         with pytest.raises(EngineError, match="already in use"):
             VM(busybox, home=home, ports={port: 80}).start()
+    assert not ran.exists(), ran.read_text()
 
 
 def test_detached_vm_publish_all_ports_in_ps_and_inspect(home, busybox):
@@ -373,7 +378,7 @@ def test_detached_vm_publish_all_ports_in_ps_and_inspect(home, busybox):
     from tests.fixtures import images as fx
 
     image = fx.variant(busybox, "bb-exposes-80", exposed_ports={"80/tcp": {}})
-    name = f"net-{os.getpid()}"
+    name = vm_name("net")
     r = run_cli(home, "run", "-d", "--name", name, "-P", str(image),
                 "sh", "-c", "mkdir -p /www && echo detached-page > /www/index.html && "
                             "exec httpd -f -p 80 -h /www")

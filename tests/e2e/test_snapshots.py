@@ -13,7 +13,7 @@ import pytest
 
 import supermachine as sm
 from supermachine.errors import SnapshotError
-from tests.e2e.conftest import qemu_pids
+from tests.e2e.conftest import qemu_pids, vm_name
 
 pytestmark = pytest.mark.e2e
 
@@ -189,7 +189,7 @@ def test_killed_host_process_leaves_no_vm(busybox, snap_home):
 
 
 def test_cli_snapshot_of_a_detached_vm(cli, busybox):
-    name = f"snapsrc-{os.getpid()}"
+    name = vm_name("snapsrc")
     r = cli("run", "-d", "--name", name, str(busybox), "sleep", "600")
     assert r.returncode == 0, r.stderr
     try:
@@ -214,7 +214,7 @@ def test_cli_hostname_and_machine_id(cli, busybox):
     assert (r.returncode, host, len(mid)) == (0, "web-1", 32), r.stderr
     again = cli("run", "--machine-id", "random", str(busybox), *show).stdout.decode().split()
     assert again[0] == "localhost" and again[1] != mid
-    name = f"ident-{os.getpid()}"
+    name = vm_name("ident")
     r = cli("run", "-d", "--name", name, "--machine-id", "ABCDEF01-2345-6789-abcd-ef0123456789",
             str(busybox), "sleep", "600")
     assert r.returncode == 0, r.stderr

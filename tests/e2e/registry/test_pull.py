@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -247,10 +246,8 @@ def test_unreachable_registry_is_one_clear_line(home):
     from .harness import free_port
 
     port = free_port()
-    start = time.monotonic()
     with pytest.raises(RegistryError, match=f"127.0.0.1:{port}.*refused"):
         pull(f"127.0.0.1:{port}/x/y:latest", home)
-    assert time.monotonic() - start < 10
     with pytest.raises(ImageError, match="invalid image reference"):
         pull("Not A Ref", home)
     with pytest.raises(ImageError, match="invalid platform"):
