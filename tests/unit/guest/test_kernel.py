@@ -1,9 +1,9 @@
-"""Kernel reading, the apt fetch (one real fetch, cached for the whole suite) and its cache."""
+"""Kernel reading, the apt fetch (one real fetch per session, into its fresh home; the package
+is downloaded once per machine) and its cache."""
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import threading
@@ -26,12 +26,6 @@ def fake_bzimage(release: str, payload: bytes = b"") -> bytes:
     text = f"{release} (someone@somewhere) #1 SMP".encode() + b"\0"
     head[0x300 : 0x300 + len(text)] = text
     return bytes(head) + payload
-
-
-def real_home() -> Home:
-    """Where the real kernel is fetched once and shared by every test (and the e2e suite)."""
-    root = os.environ.get("SUPERMACHINE_HOME") or "/var/tmp/supermachine-test-home"
-    return Home(Path(root))
 
 
 def test_bzimage_version_reads_release() -> None:
@@ -166,31 +160,54 @@ def test_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
         k.fetch_kernel(Home(tmp_path / "home"), "no-such-package-supermachine")
 
 
-def test_real_fetch_and_modules() -> None:
-    home = real_home()
-    kern = k.fetch_kernel(home)  # downloads once per machine, then a cache hit
+def test_real_fetch_and_modules(state_home: Path) -> None:
+    # This session's home is new, so the cache checked here is the one this code writes
+    # (the package itself may come from the shared downloads directory).
+    home = Home(state_home)
+    kern = k.fetch_kernel(home)
     assert kern.version.endswith("-cloud-amd64")
     assert k.bzimage_version(kern.vmlinuz.read_bytes()[:65536]) == kern.version
     assert k.cached_kernel(home) == kern
     rec = json.loads((kern.vmlinuz.parent / "kernel.json").read_text())
     assert len(rec["deb_sha256"]) == 64 and rec["package"] == f"linux-image-{kern.version}"
-    assert kern.modules_dir is not None
-    deps = ir.read_modules_dep(kern.modules_dir)
-    # our modules.dep agrees with the kernel's own modinfo for every kept module
+    mods = kern.modules_dir
+    assert mods is not None
+    files = sorted(str(p.relative_to(mods)) for p in mods.rglob("*.ko*"))
+    by_name = {ir.module_name(f): f for f in files}
+
+    def depends(rel: str) -> list[str]:
+        """A module's dependencies as the kernel's own metadata says (kmod's modinfo)."""
+        out = subprocess.run(["/usr/sbin/modinfo", "-F", "depends", mods / rel],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        return sorted(d.replace("-", "_") for d in out.split(",") if d)
+
+    # The cache holds exactly the guest's modules and what they need, transitively. (Optional
+    # modules are kept where the kernel has them; OPTIONAL_MODULES is empty today.)
+    closure: dict[str, list[str]] = {}
+    todo = [*k.GUEST_MODULES, *(m for m in k.OPTIONAL_MODULES if m in by_name)]
+    while todo:
+        name = todo.pop()
+        if name not in closure:
+            assert name in by_name, f"the kernel cache lacks module {name}"
+            closure[name] = depends(by_name[name])
+            todo += closure[name]
+    assert sorted(closure) == sorted(by_name), "the cache keeps modules nothing needs"
+    # modules.dep and modules.order list those modules and nothing else; each line's
+    # dependencies are modinfo's, and each is itself a kept module.
+    deps = ir.read_modules_dep(mods)
+    assert sorted(deps) == files
     for rel, dep_paths in deps.items():
-        out = subprocess.run(
-            ["/usr/sbin/modinfo", "-F", "depends", kern.modules_dir / rel],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        assert sorted(ir.module_name(p) for p in dep_paths) == sorted(
-            d.replace("-", "_") for d in out.split(",") if d
-        )
-    order = [ir.module_name(p) for p in ir.load_order(deps, k.GUEST_MODULES, optional=["fuse"])]
-    for wanted in k.GUEST_MODULES:
-        assert wanted in order
+        assert sorted(ir.module_name(p) for p in dep_paths) == closure[ir.module_name(rel)]
+        assert all(p in deps for p in dep_paths), rel
+    assert sorted((mods / "modules.order").read_text().split()) == files
+    # Loading follows the dependencies.
+    order = [ir.module_name(p)
+             for p in ir.load_order(deps, k.GUEST_MODULES, optional=k.OPTIONAL_MODULES)]
+    assert sorted(order) == sorted(closure)
+    for name, needs in closure.items():
+        assert all(order.index(d) < order.index(name) for d in needs), name
     assert order.index("virtio_ring") < order.index("virtio") < order.index("virtio_mmio")
     assert order.index("failover") < order.index("net_failover") < order.index("virtio_net")
-    assert any(p.endswith("/virtiofs.ko") for p in deps)  # optional, but this kernel has it
 
 
 def test_waiter_uses_the_kernel_a_concurrent_fetch_wrote(

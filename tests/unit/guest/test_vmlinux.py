@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gzip
 import lzma
-import os
 import struct
-from pathlib import Path
 
 import pytest
 import zstandard
@@ -89,9 +87,8 @@ def test_payload_errors_are_clear():
         v._payload(b"x" * 1024)
 
 
-def test_debian_cloud_kernel_boots_uncompressed():
-    home = Home(Path(os.environ.get("SUPERMACHINE_HOME") or "/var/tmp/supermachine-test-home"))
-    kern = fetch_kernel(home)
+def test_debian_cloud_kernel_boots_uncompressed(state_home):
+    kern = fetch_kernel(Home(state_home))
     elf = v._decompress(v._payload(kern.vmlinuz.read_bytes()))
     assert v.has_pvh_entry(elf)
     assert 20 << 20 < len(elf) < v.MAX_VMLINUX
