@@ -90,9 +90,10 @@ def attempt(argv: list[str], env: dict[str, str] | None = None) -> str | None:
         return "timed out after 120 s"
     if t.returncode == 0 and t.stdout == b"x\n":
         return None
-    # The cause is usually a line or two above podman's own summary; container ids are
-    # different every run and say nothing.
+    # The cause is usually a line or two above podman's own summary; container ids and
+    # pids differ every run and say nothing.
     text = re.sub(r"\b[0-9a-f]{64}\b", "ID", t.stderr.decode(errors="replace"))
+    text = re.sub(r"/proc/\d+/", "/proc/PID/", text)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return f"exit {t.returncode}: " + (" / ".join(lines[-2:]) if lines else repr(t.stdout[-200:]))
 

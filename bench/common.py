@@ -156,15 +156,16 @@ def machine_info() -> dict[str, Any]:
 
 
 def code_version() -> str:
-    """The commit measured, marked "+dirty" when src/ had uncommitted changes (the numbers
-    then belong to a working tree, not to that commit)."""
+    """The commit measured, marked "+dirty" when src/ or bench/ had uncommitted changes to
+    tracked files (the numbers then belong to a working tree, not to that commit)."""
     def git(*argv: str) -> str:
         proc = subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True,
                               text=True, check=False)
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     head = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--", "src") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "bench")
+    return head + ("+dirty" if dirty else "")
 
 
 def machine_accel() -> str:

@@ -210,7 +210,8 @@ def test_other_layouts_and_latest_copies_are_ignored(tmp_path: Path) -> None:
 
 def test_unavailable_peer_is_reported_not_faked(results: Path, tmp_path: Path) -> None:
     out = report.regenerate(readme_with_sections(), results, tmp_path)
-    assert "| gVisor | unavailable |  | exit 126: cannot run with network enabled |" in out
+    assert "| gVisor | unavailable (below) |  | - |" in out
+    assert "gVisor unavailable: exit 126: cannot run with network enabled" in out
 
 
 def test_check_mode(results: Path, tmp_path: Path) -> None:
