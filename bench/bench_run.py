@@ -66,7 +66,7 @@ def phases_child(image: str, home_root: str) -> None:
     from supermachine.home import Home
     from supermachine.images import ensure_rootfs
     from supermachine.images.source import open_local, parse_source
-    from supermachine.workload import resolve
+    from supermachine.spec import resolve
     marks["import"] = t() - t0
 
     home = Home(Path(home_root))
@@ -120,7 +120,7 @@ def restore_phases_child(image: str, home_root: str) -> None:
     t = time.perf_counter
     marks: dict[str, float] = {}
     t0 = t()
-    import supermachine.vm as vm_mod
+    import supermachine.runtime.vm as vm_mod
     marks["import"] = t() - t0
     split: list[tuple] = []
 
@@ -129,7 +129,7 @@ def restore_phases_child(image: str, home_root: str) -> None:
             if record.msg.startswith("prepared in"):
                 split.append(record.args)
 
-    logger = logging.getLogger("supermachine.vm")
+    logger = logging.getLogger("supermachine.runtime.vm")
     logger.setLevel(logging.DEBUG)
     logger.addHandler(Grab())
     notices: list[str] = []

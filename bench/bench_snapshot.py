@@ -51,7 +51,7 @@ from floors import RestoreFloor  # noqa: E402
 from tests.fixtures import images as fx  # noqa: E402
 
 import supermachine as sm  # noqa: E402
-from supermachine import snapshot as snapshot_mod  # noqa: E402
+from supermachine.runtime import snapshot as snapshot_mod  # noqa: E402
 
 MEMORY = "256M"
 UNPREFETCHED = "bench-unprefetched"

@@ -34,11 +34,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Imported lazily so `import supermachine` (and the CLI's start-up) stays cheap.
     if name in ("VM", "ExecResult"):
-        from . import vm
+        from .runtime import vm
 
         return getattr(vm, name)
     if name == "Pool":
-        from .pool import Pool
+        from .runtime.pool import Pool
 
         return Pool
     raise AttributeError(name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from supermachine import VM
 from tests.fixtures import images as fx
-from tests.unit.test_cache_keys import sources  # noqa: F401  (the fixture)
+from tests.unit.runtime.test_cache_keys import sources  # noqa: F401  (the fixture)
 
 
 def _start(home, image) -> tuple[str, str]:
@@ -15,7 +15,7 @@ def _start(home, image) -> tuple[str, str]:
     with VM(image, home=home, network="none", memory="256M") as vm:
         assert vm.exec(["echo", "ok"]).stdout == b"ok\n"
         assert vm.restored_from is not None
-        return vm.restored_from, vm._config.rootfs.name
+        return vm.restored_from, vm.recipe.config.rootfs.name
 
 
 def test_bake_or_flattener_changes_rebake(home, sources):  # noqa: F811
@@ -23,10 +23,10 @@ def test_bake_or_flattener_changes_rebake(home, sources):  # noqa: F811
     snap, root = _start(home, image)  # bakes (or restores what this session baked)
     assert _start(home, image) == (snap, root)
 
-    sources("cli.py")  # not part of any build
+    sources("cli/app.py")  # not part of any build
     assert _start(home, image) == (snap, root)
 
-    sources("prefetch.py")  # the bake's pre-read
+    sources("runtime/prefetch.py")  # the bake's pre-read
     rebaked, same_root = _start(home, image)
     assert rebaked != snap and same_root == root
     assert _start(home, image) == (rebaked, root)  # and that new one is used from now on

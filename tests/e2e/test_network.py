@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from supermachine.errors import EngineError
-from supermachine.vm import VM
+from supermachine.runtime.vm import VM
 
 from .conftest import run_cli, vm_name
 

@@ -248,7 +248,7 @@ def test_named_snapshot_of_a_cold_booted_vm(busybox, snap_home):
 def test_snapshot_that_fails_to_load_falls_back_and_is_rebaked(busybox, snap_home):
     import json
 
-    from supermachine.snapshot import sha256_file
+    from supermachine.runtime.snapshot import sha256_file
 
     with vm(busybox, snap_home, memory="288M"):
         pass  # bakes the 288M snapshot

@@ -7,6 +7,7 @@ verified layer locations), ``ensure_rootfs`` turns it into a cached squashfs fil
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..home import Home
 from .model import Image, ImageConfig, Layer
@@ -14,16 +15,22 @@ from .model import Image, ImageConfig, Layer
 __all__ = ["Image", "ImageConfig", "Layer", "open_image", "ensure_rootfs"]
 
 
-def open_image(ref: str, home: Home, *, platform: str | None = None) -> Image:
-    """Resolve ``ref``: a local OCI layout / oci-archive / docker-archive, else a registry pull."""
+def open_image(ref: str, home: Home, *, pull: str = "never", platform: str | None = None,
+               insecure_registries: tuple[str, ...] = (), ca_file: str | None = None,
+               progress: Any = None) -> Image:
+    """Resolve ``ref``: a local OCI layout / oci-archive / docker-archive as it is, else a
+    registry image by docker's ``--pull`` policy (``never``, the default here: the local
+    store only, no network; ``missing``; ``always``). The one way images are opened."""
     from .source import open_local, parse_source
 
     src = parse_source(ref)
     if src is not None:
         return open_local(src, platform=platform)
-    from .pull import open_pulled  # written separately; imported lazily (network stack)
+    from .pull import ensure_image  # imported lazily (the network stack)
 
-    return open_pulled(ref, home, platform=platform)
+    return ensure_image(ref, home, pull, platform=platform,
+                        insecure_registries=insecure_registries, ca_file=ca_file,
+                        progress=progress)
 
 
 def ensure_rootfs(image: Image, home: Home) -> Path:

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .errors import VMError
+from ..errors import VMError
 
 MAX_PAYLOAD = 1 << 16
 MAX_ARGS = 4096  # argv or env entries in one request

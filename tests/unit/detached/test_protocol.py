@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supermachine import control as c
-from supermachine.control import ControlError, Kind
+from supermachine.detached import protocol as c
+from supermachine.detached.protocol import ControlError, Kind
 
 BOUND = 5 + c.MAX_PAYLOAD
 

@@ -16,14 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .agent.client import AgentClient, GuestFileError
-from .codeversion import code_version
-from .errors import UsageError
-from .workload import resolve
+from ..agent.client import AgentClient, GuestFileError
+from ..codeversion import code_version
 
 log = logging.getLogger(__name__)
 
-BAKE_SOURCES = ("bake.py", "prefetch.py", "images/elf.py", "snapshot.py")
+BAKE_SOURCES = ("runtime/bake.py", "runtime/prefetch.py", "images/elf.py",
+                "runtime/snapshot.py")
 PREFETCH_SECONDS = 10.0  # bound on warming a snapshot's page cache (~0.5 s for python)
 
 
@@ -31,43 +30,32 @@ def bake_version() -> str:
     return code_version(*BAKE_SOURCES)
 
 
-def bake_config(config: Any, mem: Path) -> Any:
-    """The machine a bake boots: ``config`` with its RAM in ``mem`` (shared, so the saved
-    state leaves RAM out) and no published ports (the VM asking for the bake may hold them).
-    Hostname and machine id are not applied (see `bake_auto`)."""
-    network = config.network
-    if network is not None:
-        network = dataclasses.replace(network, ports=())
-    return dataclasses.replace(config, memory_file=mem, memory_shared=True, network=network)
-
-
-def bake_auto(launch: Callable[..., tuple[Any, AgentClient]], config: Any, image_config: Any,
+def bake_auto(launch: Callable[..., tuple[Any, AgentClient]], config: Any, workload: Any,
               memory_mib: int, mem: Path, state: Path) -> None:
-    """Boot ``config`` into ``mem``, pre-read the default command, save the state to ``state``.
+    """Boot ``config`` with its RAM in ``mem`` (shared, so the saved state leaves RAM out),
+    pre-read ``workload`` (the image's default command, resolved; None: nothing to read),
+    and save the device state to ``state``.
 
     ``launch(config, personal=False)`` starts the machine without the asking VM's hostname
-    and machine id: the snapshot is shared by every VM of this configuration.
+    and machine id: the snapshot is shared by every VM of this configuration. ``config``
+    publishes no ports (the VM asking for the bake may hold them).
     """
-    machine, client = launch(bake_config(config, mem), personal=False)
+    config = dataclasses.replace(config, memory_file=mem, memory_shared=True)
+    machine, client = launch(config, personal=False)
     try:
-        prefetch_default_command(client, image_config, memory_mib)
+        if workload is not None:
+            prefetch_default_command(client, workload, memory_mib)
         machine.save_state(state)
     finally:
         client.close()
         machine.kill()
 
 
-def prefetch_default_command(client: AgentClient, image_config: Any, memory_mib: int) -> None:
+def prefetch_default_command(client: AgentClient, work: Any, memory_mib: int) -> None:
     """Cache the image's default program and its libraries in the guest before a bake,
     so restored VMs start it without reading the squashfs (see prefetch.py)."""
     from . import prefetch
 
-    cfg = image_config
-    try:
-        work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
-                       working_dir=cfg.working_dir, user=cfg.user)
-    except UsageError:
-        return  # no default command: nothing to warm
     path_env = next((e[5:] for e in work.env if e.startswith("PATH=")), "")
     deadline = time.monotonic() + PREFETCH_SECONDS
 

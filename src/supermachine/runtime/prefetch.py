@@ -14,7 +14,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable, Sequence
 
-from .images.elf import MAX_SHEBANG, ElfDeps, parse_elf, parse_shebang
+from ..images.elf import MAX_SHEBANG, ElfDeps, parse_elf, parse_shebang
 
 #: Reads a guest file whole (following symlinks); None when missing, unreadable or larger.
 Reader = Callable[[str, int], "bytes | None"]

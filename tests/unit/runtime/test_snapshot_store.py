@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from supermachine import snapshot as snap
 from supermachine.errors import SnapshotError, UsageError
 from supermachine.home import Home
+from supermachine.runtime import snapshot as snap
 
 MIB = 1 << 20
 INPUTS = {"format": snap.FORMAT, "guest": "g1", "image": "sha256:aa", "memory_mib": 4,

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import UsageError, VMError
-from .home import Home, atomic_write_bytes
+from ..errors import UsageError, VMError
+from ..home import Home, atomic_write_bytes
 
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}\Z")
 MAX_STATE = 1 << 20  # state.json is ours, but a corrupt one must not be read unbounded

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from supermachine import codeversion
-from supermachine.bake import BAKE_SOURCES, bake_version
 from supermachine.guest import assets, kernel
 from supermachine.home import Home
 from supermachine.images import ensure_rootfs, open_image, rootfs
+from supermachine.runtime.bake import BAKE_SOURCES, bake_version
 from tests.fixtures import images as fx
 
 
@@ -60,7 +60,7 @@ def test_a_flattener_change_rebuilds_the_rootfs_and_nothing_else(tmp_path, sourc
     ino = first.stat().st_ino
     assert ensure_rootfs(image, home) == first  # a cache hit: same file, no rebuild
 
-    sources("cli.py")  # unrelated code: the rootfs stays
+    sources("cli/app.py")  # unrelated code: the rootfs stays
     assert ensure_rootfs(image, home) == first and first.stat().st_ino == ino
 
     kernel_layout, initrd_builder, bake = kernel.layout_version(), \
@@ -79,7 +79,7 @@ def test_a_flattener_change_rebuilds_the_rootfs_and_nothing_else(tmp_path, sourc
 
 def test_bake_and_kernel_layout_follow_their_code(sources):
     bake, layout = bake_version(), kernel.layout_version()
-    sources("prefetch.py")
+    sources("runtime/prefetch.py")
     assert bake_version() != bake and kernel.layout_version() == layout
     sources("guest/vmlinux.py")
     assert kernel.layout_version() != layout

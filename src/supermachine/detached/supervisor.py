@@ -1,8 +1,8 @@
 """The process that owns one detached VM, and how the CLI starts it.
 
 `launch` (CLI side) reserves the name, takes the VM's lock, writes the first record and
-starts ``python -m supermachine.supervisor`` in a new session with the lock and a readiness
-pipe inherited; the supervisor forks once more (so it is no session leader and can never
+starts ``python -m supermachine.detached.supervisor`` in a new session with the lock and a
+readiness pipe inherited; the supervisor forks once more (so it is no session leader and can never
 gain a controlling terminal), boots the VM from its main thread (QEMU's PR_SET_PDEATHSIG is
 tied to that thread, which lives as long as the VM), starts the main workload with its
 output going to the log, reports "ready" (or the one-line error) through the pipe, and
@@ -29,8 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import detached
-from .control import (
+from ..errors import Error, VMError
+from ..home import Home
+from ..runtime.threads import ThreadGroup
+from ..spec import VMSpec, WorkloadSpec
+from . import state as detached
+from .client import FrameSocket, socket_path
+from .protocol import (
     ControlError,
     ExecRequest,
     Kind,
@@ -44,26 +49,24 @@ from .control import (
     parse_resize,
     parse_signal,
 )
-from .detached import VMDir, VMRecord
-from .errors import Error, VMError
-from .home import Home
-from .remote import FrameSocket, socket_path
+from .state import VMDir, VMRecord
 
-log = logging.getLogger("supermachine.supervisor")
+log = logging.getLogger("supermachine.detached.supervisor")
 
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0  # a client must send its request this soon after connecting
 STOP_KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the workload before tearing down
 SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace period
-# VM keyword arguments `run` may pass through state.json (cli._vm_kwargs)
-VM_KWARGS = frozenset({"hostname", "machine_id", "network", "ports", "publish_all",
-                       "allow_hosts", "allow_host_loopback"})
 
 
 # ---- CLI side ---------------------------------------------------------------------------
 
-def launch(home: Home, name: str | None, image: str, options: dict[str, Any]) -> str:
-    """Start a detached VM; returns its name once it runs, raises with the boot error."""
+def launch(home: Home, name: str | None, spec: VMSpec, workload: WorkloadSpec, *,
+           verbose: bool = False) -> str:
+    """Start a detached VM; returns its name once it runs, raises with the boot error.
+
+    The VM and its workload travel to the supervisor as their specs, in state.json."""
+    options = {"vm": spec.to_json(), "workload": workload.to_json(), "verbose": verbose}
     d = detached.create(home, name)
     try:
         lock_fd = os.open(d.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -72,7 +75,7 @@ def launch(home: Home, name: str | None, image: str, options: dict[str, Any]) ->
         raise
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        d.write(VMRecord(name=d.name, id=detached.new_id(), image=image, command=[],
+        d.write(VMRecord(name=d.name, id=detached.new_id(), image=spec.image, command=[],
                          created=time.time(), options=options))
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -107,7 +110,7 @@ def _start_process(d: VMDir, lock_fd: int, ready_w: int) -> None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
     with open(d.supervisor_log, "ab") as errlog:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "supermachine.supervisor", str(d.path),
+            [sys.executable, "-m", "supermachine.detached.supervisor", str(d.path),
              str(lock_fd), str(ready_w)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errlog,
             pass_fds=(lock_fd, ready_w), start_new_session=True, cwd="/", env=env)
@@ -155,7 +158,7 @@ class Supervisor:
         self._listener: socket.socket | None = None
         self._conns: set[FrameSocket] = set()
         self._conns_lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._threads = ThreadGroup("supervisor")
         self._signalled = False
 
     # -- lifecycle (main thread)
@@ -190,32 +193,19 @@ class Supervisor:
         self._signalled = True
 
     def _boot(self) -> None:
-        from .vm import VM
-        from .workload import resolve
+        from ..runtime.vm import VM
 
         o = self._opts
-        self.vm = VM(self._record.image, memory=o.get("memory", "512M"), cpus=o.get("cpus", 1),
-                     accel=o.get("accel"), kernel=o.get("kernel"), initrd=o.get("initrd"),
-                     home=self.d.path.parent.parent, verbose=bool(o.get("verbose")),
-                     pull=o.get("pull", "missing"), platform=o.get("platform"),
-                     registry_options={"insecure_registries": tuple(o.get("insecure", ())),
-                                       "ca_file": o.get("ca_file")},
-                     on_notice=lambda m: log.info("%s", m),
-                     snapshot=bool(o.get("snapshot", True)),
-                     **{"hostname": self._record.name[:64],  # docker names the host too
-                        **{k: v for k, v in dict(o.get("vm_kwargs") or {}).items()
-                           if k in VM_KWARGS and v is not None}})
+        spec = VMSpec.from_json(o.get("vm"))
+        if spec.hostname is None:
+            spec = spec.replace(hostname=self._record.name[:64])  # docker names the host too
+        workload = WorkloadSpec.from_json(o.get("workload"))
+        self.vm = VM(spec, home=self.d.path.parent.parent, verbose=bool(o.get("verbose")),
+                     on_notice=lambda m: log.info("%s", m))
         self.vm.start()
-        cfg = self.vm.image.config
-        self._stop_signal = parse_stop_signal(cfg.stop_signal)
-        work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
-                       working_dir=cfg.working_dir, user=cfg.user,
-                       entrypoint_override=o.get("entrypoint"), cmd_override=o.get("cmd") or None,
-                       env_overrides=o.get("env", ()), workdir_override=o.get("workdir"),
-                       user_override=o.get("user"), caller_env={})
-        self._main = self.vm.spawn(list(work.argv), env=list(work.env), cwd=work.cwd,
-                                   user=work.user, stdin=bool(o.get("stdin")),
-                                   tty=bool(o.get("tty")))
+        self._stop_signal = parse_stop_signal(self.vm.image.config.stop_signal)
+        work = self.vm.workload(workload)
+        self._main = self.vm.start_workload(workload)
         # Report a program that cannot start as the run's error, as `docker run -d` does.
         deadline = time.monotonic() + 30
         while self._main.pid is None and self._main.exit_status is None and \
@@ -231,7 +221,7 @@ class Supervisor:
                       supervisor_pid=os.getpid(), qemu_pid=self.vm.pid,
                       memory_mib=self.vm.memory_mib, cpus=self.vm.cpus,
                       ports=[str(p) for p in self.vm.ports])
-        self._spawn_thread(self._log_workload, "workload-log")
+        self._threads.start(self._log_workload, name="workload-log")
 
     def _report(self, obj: dict[str, object]) -> bool:
         """Tell the launcher how the start went; False if it is no longer listening."""
@@ -258,8 +248,7 @@ class Supervisor:
         with self._conns_lock:
             for conn in list(self._conns):
                 conn.close()
-        for t in self._threads:
-            t.join(timeout=2.0)
+        self._threads.join(timeout=2.0)
         if not record:
             return
         if not self._workload_done.is_set():
@@ -268,11 +257,6 @@ class Supervisor:
         with contextlib.suppress(Error, OSError):
             self.d.update(status=detached.EXITED, exit_code=code, error=error,
                           finished=time.time(), qemu_pid=None)
-
-    def _spawn_thread(self, target, name: str, *args: object) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
-        self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
 
     # -- the main workload
 
@@ -326,7 +310,7 @@ class Supervisor:
         os.chmod(self.d.sock, 0o600)
         sock.listen(16)
         self._listener = sock
-        self._spawn_thread(self._accept_loop, "accept")
+        self._threads.start(self._accept_loop, name="accept")
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -347,9 +331,15 @@ class Supervisor:
                     conn.send(_exit_frame(125, "too many connections to this VM; try again"))
                 conn.close()
                 continue
-            self._spawn_thread(self._serve_conn, "conn", conn)
+            self._threads.start(self._serve_conn, conn, name="conn")
 
     def _serve_conn(self, conn: FrameSocket) -> None:
+        # An exec's input pump reads from ``conn``: it ends when the finally below closes
+        # the connection, and is joined then.
+        with ThreadGroup("conn") as threads:
+            self._handle_conn(conn, threads)
+
+    def _handle_conn(self, conn: FrameSocket, threads: ThreadGroup) -> None:
         try:
             conn.sock.settimeout(REQUEST_TIMEOUT)
             frame = conn.recv()
@@ -358,7 +348,7 @@ class Supervisor:
                 return
             req = parse_request(frame)
             if isinstance(req, ExecRequest):
-                self._exec(conn, req)
+                self._exec(conn, req, threads)
             elif isinstance(req, ReadRequest):
                 self._read(conn, req)
             elif isinstance(req, WriteRequest):
@@ -379,19 +369,18 @@ class Supervisor:
                 self._conns.discard(conn)
             conn.close()
 
-    def _exec(self, conn: FrameSocket, req: ExecRequest) -> None:
+    def _exec(self, conn: FrameSocket, req: ExecRequest, threads: ThreadGroup) -> None:
         proc = self.vm.spawn(list(req.argv), env=list(req.env), cwd=req.cwd, user=req.user,
                              stdin=req.stdin, tty=req.tty, winsize=req.winsize)
         with proc:
-            threading.Thread(target=_pump_client_input, args=(conn, proc), name="exec-in",
-                             daemon=True).start()
+            threads.start(_pump_client_input, conn, proc, name="exec-in")
             for stream, data in proc:
                 conn.send(encode_data(Kind.STDERR if stream == 2 else Kind.STDOUT, data))
             status = proc.wait()
         conn.send(_exit_frame(status.exit_code, status.error))
 
     def _read(self, conn: FrameSocket, req: ReadRequest) -> None:
-        from .agent.client import GuestFileError
+        from ..agent.client import GuestFileError
 
         class Sink:
             def write(self, data: bytes) -> int:
@@ -406,7 +395,7 @@ class Supervisor:
         conn.send(_exit_frame(0))
 
     def _write(self, conn: FrameSocket, req: WriteRequest) -> None:
-        from .agent.client import GuestFileError
+        from ..agent.client import GuestFileError
 
         try:
             self.vm.write_file_from(req.path, _ClientInput(conn), mode=req.mode)
@@ -489,7 +478,8 @@ def parse_stop_signal(text: str) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
-        print("usage: python -m supermachine.supervisor VMDIR LOCKFD READYFD", file=sys.stderr)
+        print("usage: python -m supermachine.detached.supervisor VMDIR LOCKFD READYFD",
+              file=sys.stderr)
         return 2
     path, lock_fd, ready_fd = Path(argv[0]), int(argv[1]), int(argv[2])
     # The lock and the pipe must not leak into QEMU or the guest helpers we start.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from supermachine import prefetch
-from supermachine.prefetch import prefetch_command
+from supermachine.runtime import prefetch
+from supermachine.runtime.prefetch import prefetch_command
 from tests.unit.images.test_elf import build_elf
 
 PATH = "/usr/local/bin:/usr/bin:/bin"

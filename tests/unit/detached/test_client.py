@@ -15,11 +15,11 @@ import threading
 
 import pytest
 
-from supermachine import control as c
-from supermachine import terminal
-from supermachine.control import ControlError, Kind
+from supermachine.cli import terminal
+from supermachine.detached import protocol as c
+from supermachine.detached.client import FrameSocket, RemoteProcess
+from supermachine.detached.protocol import ControlError, Kind
 from supermachine.errors import VMError
-from supermachine.remote import FrameSocket, RemoteProcess
 
 
 def _pair() -> tuple[RemoteProcess, FrameSocket]:

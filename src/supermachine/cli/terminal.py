@@ -21,7 +21,7 @@ import tty
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from .errors import Error, UsageError
+from ..errors import Error, UsageError
 
 
 class Streaming(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from supermachine.errors import UsageError
-from supermachine.workload import (
+from supermachine.spec import (
     DEFAULT_PATH,
     parse_cpus,
     parse_hostname,

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import supermachine
-from supermachine import cli
+from supermachine.cli import app as cli
 
 
 def test_version_prints_and_exits_0():

@@ -65,3 +65,7 @@ class Interrupts:
         if self._count == 1 and not target.kill_now():
             raise SystemExit(128 + signum)  # no machine yet: nothing is held, unwind now
         # A later signal while the first one's teardown runs: let it finish.
+
+
+#: this process's handling (the CLI installs it in main())
+INTERRUPTS = Interrupts()

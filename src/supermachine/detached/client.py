@@ -1,5 +1,5 @@
-"""Control-socket connections of detached VMs: the socket shell around control.py, and the
-client side the CLI uses (exec, file copies, stop).
+"""Control-socket connections of detached VMs: the socket shell around protocol.py, and the
+client side the CLI uses (exec, file copies, stop, snapshot).
 
 The socket is reached through ``/proc/self/fd/<dirfd>/sock`` so the unix-socket path limit
 (108 bytes) never depends on how deep the home directory is.
@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .control import (
+from ..errors import UsageError, VMError
+from .protocol import (
     MAX_PAYLOAD,
     ControlError,
     Decoder,
@@ -34,8 +35,7 @@ from .control import (
     encode_signal,
     parse_json,
 )
-from .detached import VMDir
-from .errors import VMError
+from .state import VMDir
 
 _RECV = 1 << 16
 STDOUT, STDERR = 1, 2  # the agent's stream numbers; not imported, to keep `exec` start-up cheap
@@ -252,3 +252,77 @@ def request_snapshot(d: VMDir, name: str) -> None:
 
 def is_dir_error(e: VMError) -> bool:
     return getattr(e, "errno", None) == errno.EISDIR
+
+
+def copy_in(d: VMDir, src: str, target: str) -> None:
+    """Copy the host file ``src`` to ``target`` in the VM, mode preserved; a ``target``
+    that is a directory in the VM (or ends in /) receives the file inside it, as cp does."""
+    if os.path.isdir(src):
+        raise UsageError(f"{src} is a directory; cp copies files (tar it, copy the archive, and "
+                      "`exec ... tar x` it)")
+    if target.endswith("/"):
+        target += os.path.basename(src)
+    with open(src, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o7777
+        try:
+            write_file_from(d, target, f, mode)
+        except VMError as e:
+            if not is_dir_error(e):
+                raise
+            f.seek(0)
+            write_file_from(d, f"{target}/{os.path.basename(src)}", f, mode)
+
+
+def copy_out(d: VMDir, source: str, dst: str) -> None:
+    """Copy the VM file ``source`` to ``dst`` here (into it when it is a directory), written
+    atomically."""
+    from pathlib import Path
+
+    from ..home import atomic_path
+
+    target = os.path.join(dst, os.path.basename(source.rstrip("/"))) if os.path.isdir(dst) \
+        else dst
+    try:
+        with atomic_path(Path(target)) as tmp, open(tmp, "wb") as f:
+            read_file_to(d, source, f)
+    except VMError as e:
+        if is_dir_error(e):
+            raise VMError(f"{source} is a directory in the VM; cp copies files (tar it "
+                          "there with `exec`, then copy the archive)") from None
+        raise
+
+
+def stop(d: VMDir, timeout: float) -> None:
+    """Stop signal, then a kill after ``timeout``; returns once the supervisor (and so QEMU)
+    is gone. A supervisor that does not answer is signalled, then killed."""
+    import signal
+    import time
+
+    if not d.alive():
+        return
+    try:
+        request_stop(d, timeout)
+    except VMError:
+        _signal_supervisor(d, signal.SIGTERM)  # still starting: no socket yet
+    deadline = time.monotonic() + timeout + 30
+    killed = False
+    while d.alive():
+        if time.monotonic() > deadline:
+            if killed:
+                raise VMError(f"VM {d.name} does not stop; its supervisor pid is in "
+                              f"`supermachine inspect {d.name}`")
+            _signal_supervisor(d, signal.SIGKILL)  # QEMU dies with it (PR_SET_PDEATHSIG)
+            killed = True
+            deadline = time.monotonic() + 10
+        time.sleep(0.05)
+
+
+def _signal_supervisor(d: VMDir, signo: int) -> None:
+    try:
+        pid = d.read().supervisor_pid
+    except VMError:
+        return
+    # The lock is still held, so the recorded pid is the live supervisor's, not a reused one.
+    if pid and d.alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signo)

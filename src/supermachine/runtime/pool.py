@@ -14,7 +14,8 @@ import time
 from collections import deque
 from typing import Any
 
-from .errors import Error, UsageError, VMError
+from ..errors import Error, UsageError, VMError
+from .threads import ThreadGroup
 from .vm import VM
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class Pool:
         self._closed = False
         self._error: Error | None = None
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads = ThreadGroup("pool")
+        self._started = False
 
     def __enter__(self) -> Pool:
         return self.start()
@@ -53,9 +55,11 @@ class Pool:
         self.close()
 
     def start(self) -> Pool:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._refill, name="vm-pool", daemon=True)
-            self._thread.start()
+        with self._cond:
+            if self._started:
+                return self
+            self._started = True
+        self._threads.start(self._refill, name="refill")
         return self
 
     def _make(self) -> VM:
@@ -147,5 +151,4 @@ class Pool:
             self._cond.notify_all()
         for vm in vms:
             vm.close()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=120)
+        self._threads.join(timeout=120)  # a VM it is starting now is closed when it is up

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from supermachine import detached
+from supermachine.detached import state as detached
+from supermachine.detached.supervisor import parse_stop_signal
 from supermachine.errors import UsageError, VMError
 from supermachine.home import Home
-from supermachine.supervisor import parse_stop_signal
 
 
 @pytest.fixture

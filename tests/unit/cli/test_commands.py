@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from supermachine import cli
+from supermachine.cli import app, run, vms
 from supermachine.errors import UsageError
+from supermachine.spec import env_items
 
 
 @pytest.mark.parametrize(("arg", "expected"), [
@@ -20,24 +21,24 @@ from supermachine.errors import UsageError
     ("-:x", (None, "-:x")),
 ])
 def test_split_vm_path(arg, expected):
-    assert cli._split_vm_path(arg) == expected
+    assert vms.split_vm_path(arg) == expected
 
 
 def test_expand_env(monkeypatch):
     monkeypatch.setenv("FROM_HERE", "v=1")
     monkeypatch.delenv("UNSET_HERE", raising=False)
-    assert cli._expand_env(["A=1", "FROM_HERE", "UNSET_HERE", "B="]) == \
-        ["A=1", "FROM_HERE=v=1", "B="]
+    assert env_items(["A=1", "FROM_HERE", "UNSET_HERE", "B="], os.environ) == \
+        ("A=1", "FROM_HERE=v=1", "B=")
     with pytest.raises(UsageError):
-        cli._expand_env(["=x"])
+        env_items(["=x"], os.environ)
 
 
 def test_image_arg_makes_local_paths_absolute(tmp_path, monkeypatch):
     (tmp_path / "layout").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert cli._image_arg("./layout") == str(tmp_path / "layout")
-    assert cli._image_arg("oci:layout:v1") == f"oci:{tmp_path / 'layout'}:v1"
-    assert cli._image_arg("alpine:3.19") == "alpine:3.19"  # a registry reference stays
+    assert run._image_arg("./layout") == str(tmp_path / "layout")
+    assert run._image_arg("oci:layout:v1") == f"oci:{tmp_path / 'layout'}:v1"
+    assert run._image_arg("alpine:3.19") == "alpine:3.19"  # a registry reference stays
 
 
 @pytest.mark.parametrize("argv", [
@@ -48,15 +49,15 @@ def test_image_arg_makes_local_paths_absolute(tmp_path, monkeypatch):
     ["run", "-d", "--name", "bad name", "img"],
 ])
 def test_usage_errors_exit_2_with_one_line(argv, capsys, tmp_path):
-    assert cli.main(["--home", str(tmp_path), *argv]) == 2
+    assert app.main(["--home", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("supermachine: ") and err.count("\n") == 1
 
 
 def test_ps_and_inspect_on_an_empty_home(capsys, tmp_path):
-    assert cli.main(["--home", str(tmp_path), "ps", "-a"]) == 0
+    assert app.main(["--home", str(tmp_path), "ps", "-a"]) == 0
     assert capsys.readouterr().out.split() == ["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS",
                                                "PORTS"]
-    assert cli.main(["--home", str(tmp_path), "inspect", "nope"]) != 0
+    assert app.main(["--home", str(tmp_path), "inspect", "nope"]) != 0
     assert "no such VM" in capsys.readouterr().err
     assert os.listdir(tmp_path / "vms") == []

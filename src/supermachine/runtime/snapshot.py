@@ -34,12 +34,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SnapshotError, UsageError
-from .home import Home, atomic_write_bytes, file_lock, punch_hole, sha256_file
+from ..errors import SnapshotError, UsageError
+from ..home import Home, atomic_write_bytes, file_lock, punch_hole, sha256_file
 
 FORMAT = 1
 MAX_META = 1 << 20
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
+
+
+@dataclass(frozen=True)
+class SnapshotKey:
+    """Everything a snapshot depends on: it is restored only into a machine whose key is
+    equal. Persisted as ``meta.json``'s ``inputs``; `FORMAT` names this record's layout
+    (changing a field's meaning or adding one bumps it, and older snapshots are then
+    rebaked or refused)."""
+
+    guest: str  # kernel, initramfs and command line (GuestAssets.fingerprint)
+    image: str  # config digest
+    rootfs: tuple[int, int, int]  # inode, size, mtime_ns of the root filesystem file
+    memory_mib: int
+    cpus: int
+    accel: str
+    engine: str  # monitor build and machine layout
+    network: tuple[str, ...]  # the NIC: mode and the guest's network arguments
+    bake: str | None = None  # the bake procedure's version (automatic snapshots only)
+
+    def inputs(self) -> dict[str, Any]:
+        ino, size, mtime = self.rootfs
+        out: dict[str, Any] = {
+            "format": FORMAT, "guest": self.guest, "image": self.image,
+            "rootfs": {"ino": ino, "size": size, "mtime_ns": mtime},
+            "memory_mib": self.memory_mib, "cpus": self.cpus, "accel": self.accel,
+            "engine": self.engine, "network": list(self.network)}
+        if self.bake is not None:
+            out["bake"] = self.bake
+        return out
+
+    @staticmethod
+    def rootfs_identity(path: Path) -> tuple[int, int, int]:
+        st = path.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def file_identity(path: Path) -> dict[str, int]:

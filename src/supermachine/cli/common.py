@@ -1,0 +1,51 @@
+"""What every command group shares: the program name, the state home, one-line notices,
+tables, and the registry options `run` and `pull` both take. Parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PROG = "supermachine"
+
+
+def home_of(args: argparse.Namespace):
+    from pathlib import Path
+
+    from ..home import Home
+
+    return Home(Path(os.path.abspath(args.home))) if args.home else Home.default()
+
+
+def notice(message: str) -> None:
+    """One-line notices to the user (e.g. which accelerator), on stderr."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def report_exit(status) -> int:
+    """A finished workload's exit code, after printing why it could not start, if so."""
+    if status.error:
+        print(f"{PROG}: {status.error}", file=sys.stderr)
+    return status.exit_code
+
+
+def print_table(rows: list[tuple[str, ...]], gap: str = "   ") -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(gap.join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def add_registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="platform to pick from a multi-platform image (default: this host's)")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="allow plain HTTP / unverified TLS for this registry")
+    p.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify registries with")
+    p.add_argument("-q", "--quiet", action="store_true", help="no pull progress output")
+
+
+def progress_of(args: argparse.Namespace):
+    from ..images.progress import make_progress
+
+    return make_progress(sys.stderr, quiet=args.quiet)

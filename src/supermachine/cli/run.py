@@ -1,0 +1,141 @@
+"""`supermachine run`: its options become one `VMSpec` and one `WorkloadSpec` (`specs`), and
+the VM runs attached (output streamed here), on a terminal (`-t`), or detached (`-d`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import UsageError
+from .common import add_registry_options, home_of, notice, progress_of, report_exit
+from .interrupts import INTERRUPTS
+
+
+def add_commands(sub) -> None:
+    run = sub.add_parser("run", help="run a command in a new VM from an image",
+                         description="Boot IMAGE in a fresh microVM and run its entrypoint "
+                                     "and command (CMD replaces the image's Cmd).")
+    add_run_options(run)
+    run.add_argument("image", metavar="IMAGE",
+                     help="OCI layout dir, oci-archive or docker-archive (oci:, oci-archive:, "
+                          "docker-archive: prefixes accepted), registry reference, or "
+                          "snapshot:NAME")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
+    run.set_defaults(func=cmd_run)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    # Defaults are the spec's (spec.py): None here means "not given".
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="set an environment variable (KEY alone copies it from here)")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the VM")
+    p.add_argument("-u", "--user", metavar="USER", help="user[:group] or uid[:gid] to run as")
+    p.add_argument("--entrypoint", metavar="CMD", help="override the image's entrypoint")
+    p.add_argument("-m", "--memory", help="guest memory (default 512M)")
+    p.add_argument("--cpus", help="virtual CPUs (default 1)")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="keep stdin open even when it is a terminal")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="give the command a terminal (raw mode here; use with -i)")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background and print the VM's name")
+    p.add_argument("--name", metavar="NAME", help="name of a detached VM (default: generated)")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"],
+                   help="accelerator (default: hardware KVM when usable, else TCG)")
+    p.add_argument("--kernel", metavar="PATH", help="guest kernel to boot instead of the default")
+    p.add_argument("--initrd", metavar="PATH", help="initramfs to use with --kernel")
+    p.add_argument("--pull", choices=["always", "missing", "never"],
+                   help="pull a registry image before running (default: missing)")
+    p.add_argument("--no-snapshot", action="store_true",
+                   help="boot cold instead of restoring the image's automatic snapshot")
+    p.add_argument("--hostname", metavar="NAME",
+                   help="the VM's hostname (default: localhost; a detached VM's name)")
+    p.add_argument("--machine-id", metavar="ID|random",
+                   help="write /etc/machine-id in the VM: 32 hex digits, or 'random' for a "
+                        "fresh one (default: the image's own)")
+    p.add_argument("-p", "--publish", action="append", default=[],
+                   metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]",
+                   help="publish a guest port on the host (127.0.0.1 unless HOSTIP is given; "
+                        "HOSTPORT empty or 0: any free port)")
+    p.add_argument("-P", "--publish-all", action="store_true",
+                   help="publish the image's exposed ports on free host ports")
+    p.add_argument("--network", choices=["user", "none"],
+                   help="user: outbound access through passt (default); none: no interface")
+    p.add_argument("--allow-host", action="append", default=[], metavar="CIDR|NAME",
+                   help="allow outbound traffic only to these (repeatable; names are "
+                        "resolved here at start); default: anywhere but this host")
+    p.add_argument("--allow-host-loopback", action="store_true",
+                   help="let the guest reach this host's 127.0.0.1 services at 10.0.2.2")
+    add_registry_options(p)
+
+
+def specs(args: argparse.Namespace):
+    """The VM and the workload `run` asks for: the only place its options are read."""
+    from ..spec import VMSpec, WorkloadSpec, env_items
+
+    given = {"memory": args.memory, "cpus": args.cpus, "accel": args.accel,
+             "pull": args.pull, "network": args.network}
+    vm = VMSpec.create(
+        _image_arg(args.image), kernel=args.kernel, initrd=args.initrd,
+        platform=args.platform, insecure_registries=tuple(args.insecure_registry),
+        ca_file=args.ca_file and os.path.abspath(args.ca_file), snapshot=not args.no_snapshot,
+        hostname=args.hostname, machine_id=args.machine_id, ports=args.publish,
+        publish_all=args.publish_all, allow_hosts=tuple(args.allow_host),
+        allow_host_loopback=args.allow_host_loopback,
+        **{k: v for k, v in given.items() if v is not None})
+    stdin = args.interactive or (not args.tty and _stdin_piped())
+    work = WorkloadSpec(
+        entrypoint=None if args.entrypoint is None else (args.entrypoint,),
+        cmd=tuple(args.cmd), env=env_items(args.env, os.environ), workdir=args.workdir,
+        user=args.user, stdin=stdin, tty=args.tty)
+    return vm, work
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.name and not args.detach:
+        raise UsageError("--name is for detached VMs: add -d")
+    vm_spec, work = specs(args)
+    if args.detach:
+        from ..detached.state import validate_name
+        from ..detached.supervisor import launch
+
+        print(launch(home_of(args), validate_name(args.name) if args.name else None,
+                     vm_spec, work, verbose=args.verbose or args.debug))
+        return 0
+    from ..runtime.vm import VM
+
+    if work.tty:
+        from . import terminal
+
+        terminal.require_tty(0)  # before anything boots
+    machine = VM(vm_spec, home=home_of(args), verbose=args.verbose or args.debug,
+                 on_notice=notice, progress=progress_of(args))
+    with INTERRUPTS.guarding(machine), machine:
+        if not work.tty:
+            return machine.run_workload(work, stdin_fd=0 if work.stdin else None)
+        # `run -t`: the workload on a guest terminal, this terminal in raw mode
+        with machine.start_workload(work, winsize=terminal.winsize(0)) as proc, \
+                terminal.raw_mode(0):
+            status = terminal.pump(proc, stdin_fd=0 if work.stdin else None, tty_fd=0)
+    return report_exit(status)
+
+
+def _stdin_piped() -> bool:
+    try:
+        os.fstat(0)
+    except OSError:  # fd 0 closed: nothing to pass
+        return False
+    return not os.isatty(0)
+
+
+def _image_arg(image: str) -> str:
+    """Local paths made absolute (a detached VM's supervisor runs from /)."""
+    from ..images.source import parse_source
+
+    src = parse_source(image)
+    if src is None:
+        return image
+    path = os.path.abspath(src.path)
+    if src.kind == "auto":
+        return path
+    return f"{src.kind}:{path}" + (f":{src.tag}" if src.tag else "")

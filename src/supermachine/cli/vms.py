@@ -1,0 +1,240 @@
+"""Commands on detached VMs (`run -d`), found by name from any shell of the same user:
+exec, cp, ps, logs, stop, rm, inspect. The work is detached/client.py's."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from ..errors import UsageError, VMError
+from .common import PROG, home_of, print_table, report_exit
+
+
+def add_commands(sub) -> None:
+    ex = sub.add_parser("exec", help="run a command in a running detached VM")
+    ex.add_argument("-i", "--interactive", action="store_true", help="pass stdin through")
+    ex.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    ex.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]",
+                    help="set an environment variable (KEY alone copies it from here)")
+    ex.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the VM")
+    ex.add_argument("-u", "--user", metavar="USER", help="user[:group] or uid[:gid] to run as")
+    ex.add_argument("vm", metavar="VM")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
+    ex.set_defaults(func=cmd_exec)
+
+    cp = sub.add_parser("cp", help="copy a file between here and a VM (VM:PATH on one side)")
+    cp.add_argument("src", metavar="SRC")
+    cp.add_argument("dst", metavar="DST")
+    cp.set_defaults(func=cmd_cp)
+
+    ps = sub.add_parser("ps", help="list detached VMs")
+    ps.add_argument("-a", "--all", action="store_true", help="include stopped VMs")
+    ps.add_argument("-q", "--quiet", action="store_true", help="names only")
+    ps.set_defaults(func=cmd_ps)
+
+    logs = sub.add_parser("logs", help="show the output of a detached VM's main command")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow until the VM exits")
+    logs.add_argument("vm", metavar="VM")
+    logs.set_defaults(func=cmd_logs)
+
+    stop = sub.add_parser("stop", help="stop detached VMs (stop signal, then kill)")
+    stop.add_argument("-t", "--time", type=float, default=10.0, metavar="SECS",
+                      help="seconds to wait before killing (default 10)")
+    stop.add_argument("vms", nargs="+", metavar="VM")
+    stop.set_defaults(func=cmd_stop)
+
+    rm = sub.add_parser("rm", help="remove stopped detached VMs")
+    rm.add_argument("-f", "--force", action="store_true", help="stop running ones first")
+    rm.add_argument("vms", nargs="+", metavar="VM")
+    rm.set_defaults(func=cmd_rm)
+
+    inspect = sub.add_parser("inspect", help="show detached VMs' state as JSON")
+    inspect.add_argument("vms", nargs="+", metavar="VM")
+    inspect.set_defaults(func=cmd_inspect)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from ..detached import client, state
+    from ..detached.protocol import ExecRequest
+    from ..spec import env_items
+    from . import terminal
+
+    if not args.cmd:
+        raise UsageError("exec needs a command after the VM name")
+    if args.tty:
+        terminal.require_tty(0)
+    d = state.find(home_of(args), args.vm)
+    if not d.state_now().running:
+        raise VMError(f"VM {d.name} is not running; start a new one with `supermachine run -d`")
+    req = ExecRequest(argv=tuple(args.cmd), env=env_items(args.env, os.environ),
+                      cwd=args.workdir, user=args.user, stdin=args.interactive, tty=args.tty,
+                      winsize=terminal.winsize(0) if args.tty else None)
+    with client.exec_in(d, req) as proc:
+        raw = terminal.raw_mode(0) if args.tty and args.interactive else \
+            contextlib.nullcontext()
+        with raw:
+            status = terminal.pump(proc, stdin_fd=0 if args.interactive else None,
+                                   tty_fd=0 if args.tty else None)
+    return report_exit(status)
+
+
+def split_vm_path(arg: str) -> tuple[str | None, str]:
+    """`NAME:PATH` -> (NAME, PATH); a local path (with a / before any colon) -> (None, arg)."""
+    from ..detached.state import NAME_RE
+
+    name, sep, path = arg.partition(":")
+    if sep and NAME_RE.match(name):
+        return name, path
+    return None, arg
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from ..detached import client, state
+
+    src_vm, src = split_vm_path(args.src)
+    dst_vm, dst = split_vm_path(args.dst)
+    if (src_vm is None) == (dst_vm is None):
+        raise UsageError("cp copies between here and a VM: give VM:PATH as exactly one side")
+    home = home_of(args)
+    if dst_vm is not None:  # host -> VM
+        d = state.find(home, dst_vm)
+        _need_running(d)
+        client.copy_in(d, src, _guest_abs(dst))
+        return 0
+    d = state.find(home, src_vm)  # VM -> host
+    _need_running(d)
+    if dst == "-":
+        client.read_file_to(d, _guest_abs(src), sys.stdout.buffer)
+        sys.stdout.flush()
+    else:
+        client.copy_out(d, _guest_abs(src), dst)
+    return 0
+
+
+def _guest_abs(path: str) -> str:
+    if not path:
+        raise UsageError("give a path after VM:")
+    return path if path.startswith("/") else "/" + path
+
+
+def _need_running(d) -> None:
+    if not d.state_now().running:
+        raise VMError(f"VM {d.name} is not running; files of stopped VMs are gone with them")
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    import shlex
+    import time
+
+    from ..detached import state
+
+    now = time.time()
+    states = [s for s in state.list_states(home_of(args)) if args.all or s.running]
+    if args.quiet:
+        for s in states:
+            print(s.record.name)
+        return 0
+    rows = [("NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS")]
+    for s in states:
+        r = s.record
+        command = shlex.join(r.command)
+        if len(command) > 30:
+            command = command[:29] + "…"
+        image = r.image if len(r.image) <= 40 else "…" + r.image[-39:]
+        rows.append((r.name, image, f'"{command}"',
+                     f"{state.human_duration(now - r.created)} ago",
+                     state.status_text(s, now),
+                     ", ".join(r.ports) if s.running else ""))
+    print_table(rows)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import time
+
+    from ..detached import state
+    from ..detached.protocol import Decoder, Kind
+
+    d = state.find(home_of(args), args.vm)
+    decoder = Decoder()
+    out = {Kind.STDOUT: sys.stdout.buffer, Kind.STDERR: sys.stderr.buffer}
+    try:
+        f = open(d.log, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return 0
+    with f:
+        while True:
+            chunk = f.read(1 << 16)
+            if chunk:
+                for frame in decoder.feed(chunk):
+                    stream = out.get(frame.kind)
+                    if stream is not None:
+                        stream.write(frame.payload)
+                        stream.flush()
+                continue
+            if not args.follow:
+                break
+            if not d.alive():
+                # The supervisor is gone: whatever it wrote is there now; read it and stop.
+                if not (rest := f.read()):
+                    break
+                f.seek(-len(rest), os.SEEK_CUR)
+                continue
+            time.sleep(0.1)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from ..detached import client, state
+
+    home = home_of(args)
+    for name in args.vms:
+        client.stop(state.find(home, name), args.time)
+        print(name)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from ..detached import client, state
+
+    home = home_of(args)
+    failed = 0
+    for name in args.vms:
+        try:
+            d = state.find(home, name)
+            if d.alive():
+                if not args.force:
+                    raise VMError(f"VM {name} is running; stop it first or use `rm -f`")
+                client.stop(d, 0)
+            state.remove(d)
+            print(name)
+        except VMError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            failed = 1
+    return failed
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from datetime import UTC, datetime
+
+    from ..detached import state
+
+    def iso(t: float | None) -> str | None:
+        return datetime.fromtimestamp(t, UTC).isoformat() if t else None
+
+    home = home_of(args)
+    out = []
+    for name in args.vms:
+        s = state.find(home, name).state_now()
+        r = s.record
+        info = asdict(r)
+        info.update(created=iso(r.created), started=iso(r.started), finished=iso(r.finished))
+        info["state"] = {"status": s.status, "running": s.running, "dead": s.status == "dead",
+                         "exit_code": r.exit_code, "error": r.error}
+        out.append(info)
+    print(json.dumps(out, indent=2))
+    return 0
