@@ -9,6 +9,22 @@
     terminal.py   raw mode and the terminal pump; interrupts.py: signals as events
 """
 
-from .app import main
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args == ["--version"]:  # asked by scripts and health checks: no parser, no imports
+        from .. import __version__
+
+        print(f"supermachine {__version__}")
+        return 0
+    from .app import main as run_command
+
+    return run_command(args)
+
 
 __all__ = ["main"]

@@ -5,7 +5,6 @@ it uses when it runs, so `--version`, `--help` and `ps` pay only for what they u
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -47,8 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
+    if not getattr(args, "reads_state_only", False) or args.debug or args.verbose:
+        import logging  # ~10 ms: not for commands that only read state (ps, inspect, ...)
+
+        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else \
+            logging.WARNING
+        logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
     INTERRUPTS.install()
     try:
         status = args.func(args)

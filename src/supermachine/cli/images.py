@@ -17,7 +17,7 @@ def add_commands(sub) -> None:
 
     images = sub.add_parser("images", help="list pulled images")
     images.add_argument("--digests", action="store_true", help="show manifest digests")
-    images.set_defaults(func=cmd_images)
+    images.set_defaults(func=cmd_images, reads_state_only=True)
 
     rmi = sub.add_parser("rmi", help="remove pulled images")
     rmi.add_argument("images", nargs="+", metavar="REF|DIGEST")

@@ -19,14 +19,9 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator
-from typing import Protocol
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FORCE_AFTER = 3
-
-
-class Killable(Protocol):
-    def kill_now(self) -> bool: ...
 
 
 class Interrupts:
@@ -34,14 +29,14 @@ class Interrupts:
         #: the first signal received, if any (the process exits with 128 + it)
         self.received: int | None = None
         self._count = 0
-        self._guarded: Killable | None = None
+        self._guarded = None  # anything with a signal-safe kill_now() -> bool (runtime.VM)
 
     def install(self) -> None:
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
     @contextlib.contextmanager
-    def guarding(self, target: Killable) -> Iterator[None]:
+    def guarding(self, target) -> Iterator[None]:
         """While inside, a signal kills ``target``'s machines instead of raising."""
         self._guarded = target
         try:

@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
     snaps = sub.add_parser("snapshots", help="list named snapshots (`snapshots rm NAME` removes)")
     snaps.add_argument("action", nargs="?", choices=["ls", "rm"], default="ls")
     snaps.add_argument("names", nargs="*", metavar="NAME")
-    snaps.set_defaults(func=cmd_snapshots)
+    snaps.set_defaults(func=cmd_snapshots, reads_state_only=True)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

@@ -32,12 +32,12 @@ def add_commands(sub) -> None:
     ps = sub.add_parser("ps", help="list detached VMs")
     ps.add_argument("-a", "--all", action="store_true", help="include stopped VMs")
     ps.add_argument("-q", "--quiet", action="store_true", help="names only")
-    ps.set_defaults(func=cmd_ps)
+    ps.set_defaults(func=cmd_ps, reads_state_only=True)
 
     logs = sub.add_parser("logs", help="show the output of a detached VM's main command")
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the VM exits")
     logs.add_argument("vm", metavar="VM")
-    logs.set_defaults(func=cmd_logs)
+    logs.set_defaults(func=cmd_logs, reads_state_only=True)
 
     stop = sub.add_parser("stop", help="stop detached VMs (stop signal, then kill)")
     stop.add_argument("-t", "--time", type=float, default=10.0, metavar="SECS",
@@ -52,7 +52,7 @@ def add_commands(sub) -> None:
 
     inspect = sub.add_parser("inspect", help="show detached VMs' state as JSON")
     inspect.add_argument("vms", nargs="+", metavar="VM")
-    inspect.set_defaults(func=cmd_inspect)
+    inspect.set_defaults(func=cmd_inspect, reads_state_only=True)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

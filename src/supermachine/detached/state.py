@@ -20,8 +20,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -165,6 +163,8 @@ def create(home: Home, name: str | None) -> VMDir:
             raise VMError(f"the name {name!r} is already in use by a VM; remove it with "
                           f"`supermachine rm {name}` or choose another --name") from None
         return d
+    import secrets
+
     for attempt in range(100):
         candidate = f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}"
         if attempt >= 20:
@@ -177,6 +177,8 @@ def create(home: Home, name: str | None) -> VMDir:
 
 
 def new_id() -> str:
+    import secrets
+
     return secrets.token_hex(32)
 
 
@@ -220,6 +222,8 @@ def remove(d: VMDir) -> None:
         if fd is not None:
             _lock_or_fail(fd, d.name)
         try:
+            import shutil
+
             shutil.rmtree(d.path)
         except OSError as e:
             if e.errno != errno.ENOENT:
