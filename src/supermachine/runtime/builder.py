@@ -108,7 +108,7 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
         raise SnapshotError(
             f"snapshot {named.name} no longer matches this machine (changed: "
             f"{', '.join(changed)}); make it again from a running VM")
-    log.debug("prepared in %.0f ms", (time.monotonic() - t0) * 1000)
+    log.debug("recipe in %.0f ms", (time.monotonic() - t0) * 1000)
     return Recipe(spec, image, accel, engine, config, key, named, source)
 
 

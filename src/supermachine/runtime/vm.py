@@ -135,6 +135,7 @@ class VM:
         snap = recipe.named
         if snap is None and recipe.spec.snapshot:
             snap = self._auto_snapshot(recipe)
+        t1 = time.monotonic()
         if snap is not None:
             try:
                 self._run_machine(stack, recipe.restore(snap))
@@ -148,8 +149,8 @@ class VM:
                 snap = None
         if snap is None:
             self._run_machine(stack, recipe.config)
-        log.debug("%s in %.0f ms", "restored" if snap else "booted",
-                  (time.monotonic() - t0) * 1000)
+        log.debug("prepared in %.0f ms, %s in %.0f ms", (t1 - t0) * 1000,
+                  "restored" if snap else "booted", (time.monotonic() - t1) * 1000)
 
     #: published ports, host side resolved (no 0 ports) once the VM runs
     ports: tuple = ()
