@@ -22,6 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"supermachine {__version__}")
         return 0
+    from .interrupts import INTERRUPTS
+
+    INTERRUPTS.install()  # first: Ctrl-C during the imports below must not print a traceback
     from .app import main as run_command
 
     return run_command(args)

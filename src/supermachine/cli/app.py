@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.DEBUG if args.debug else logging.INFO if args.verbose else \
             logging.WARNING
         logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
-    INTERRUPTS.install()
+    INTERRUPTS.install()  # again, for callers of this main() (tests): installing is idempotent
     try:
         status = args.func(args)
         # A signal killed the VM: whatever the workload's status, the run was interrupted.

@@ -287,10 +287,15 @@ def resolve_package(meta: str = DEFAULT_PACKAGE) -> _Candidate:
 def _download(cand: _Candidate, downloads: Path) -> Path:
     """The package's .deb in ``downloads``: the kept one if its SHA256 is apt's, else fetched."""
     kept = downloads / f"{cand.package}_{cand.version}.deb"
+    # Checked before locking too: a user who may only read a shared ``downloads`` (an
+    # unprivileged user beside root's) uses a kept package without creating a lock file.
+    with contextlib.suppress(OSError):
+        if sha256_file(kept) == cand.sha256:
+            return kept
     with file_lock(downloads / f".{cand.package}.lock"):  # homes may share ``downloads``
         with contextlib.suppress(OSError):
             if sha256_file(kept) == cand.sha256:
-                return kept
+                return kept  # another process downloaded it while we waited
         with tempfile.TemporaryDirectory(dir=downloads, prefix=".tmp-download-") as work:
             _run(["apt-get", "download", "-q", f"{cand.package}={cand.version}"],
                  cwd=Path(work), timeout=1800)

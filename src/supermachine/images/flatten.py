@@ -328,12 +328,25 @@ def flatten(layers: Sequence[Layer], out: IO[bytes]) -> FlattenStats:
             len(planner.skipped),
             planner.skipped[0],
         )
+    tw = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape")
+    try:
+        _write_tree(planner, layers, tw, stats)
+    except BaseException:
+        # The archive is abandoned: mark it closed so that neither this nor the garbage
+        # collector later writes its buffered tail into a pipe the caller is closing.
+        tw.closed = True
+        tw.fileobj.closed = True
+        raise
+    tw.close()
+    return stats
+
+
+def _write_tree(planner: _Planner, layers: Sequence[Layer], tw: tarfile.TarFile,
+                stats: FlattenStats) -> None:
     # Per layer: ordinal -> output header of the first path holding that data.
     wanted: dict[int, dict[int, tarfile.TarInfo]] = {}
     links: list[tarfile.TarInfo] = []
     primary: dict[tuple[int, int], str] = {}
-
-    tw = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape")
     root_info = _out_info(".", planner.root.info, tarfile.DIRTYPE)
     tw.addfile(root_info)
     for path, node in _walk(planner.root, ""):
@@ -363,8 +376,6 @@ def flatten(layers: Sequence[Layer], out: IO[bytes]) -> FlattenStats:
     for h in links:
         tw.addfile(h)
         stats.hardlinks += 1
-    tw.close()
-    return stats
 
 
 def _emit_layer_files(

@@ -85,6 +85,8 @@ class VM:
         self._machine: Any = None
         #: every machine this VM launched (the bake's too), for `kill_now`
         self._launched: list[Any] = []
+        self._launching = False  # a machine is being launched (not in _launched yet)
+        self._cancelled = False  # kill_now was called: launch nothing more
         self._threads = ThreadGroup("vm")
 
     # ---- what it is ---------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class VM:
                 self._run_machine(stack, recipe.restore(snap))
                 self.restored_from = snap.name
             except VMError as e:
-                if recipe.named is not None:
+                if recipe.named is not None or self._cancelled:
                     raise
                 self._notice(f"restoring the snapshot failed ({e}); booting instead")
                 stack.close()
@@ -203,8 +205,17 @@ class VM:
 
         ``personal`` applies this VM's hostname and machine id; a bake leaves them out, so
         the shared snapshot keeps the boot's defaults for VMs that ask for neither."""
-        machine = self.recipe.engine.launch(config)
-        self._launched.append(machine)
+        if self._cancelled:
+            raise VMError("the VM was interrupted")
+        self._launching = True
+        try:
+            machine = self.recipe.engine.launch(config)
+            self._launched.append(machine)
+        finally:
+            self._launching = False
+        if self._cancelled:  # interrupted while it launched (kill_now found nothing to kill)
+            machine.kill()
+            raise VMError("the VM was interrupted")
         try:
             client = AgentClient(machine.agent)
         except BaseException:
@@ -252,10 +263,14 @@ class VM:
         self._launched = []
 
     def kill_now(self) -> bool:
-        """Kill this VM's QEMU processes (a bake's included) and return at once, taking no
-        lock: safe inside a signal handler. Calls waiting on the VM then fail and unwind
-        through `close()` in their own thread. True if a machine was running."""
-        return any([m.kill_now() for m in tuple(self._launched)])
+        """Kill this VM's QEMU processes (a bake's included), launch no more, and return at
+        once, taking no lock: safe inside a signal handler. Calls waiting on the VM then fail
+        and unwind through `close()`. True if the VM will unwind by itself that way (a
+        machine was running or being launched); False while it has not got that far
+        (pulling, building its root filesystem), when the caller must unwind it."""
+        self._cancelled = True
+        killed = any([m.kill_now() for m in tuple(self._launched)])
+        return killed or self._launching
 
     def snapshot(self, name: str) -> snapshot_mod.Snapshot:
         """Save this running VM (as warmed up so far) as snapshot ``name``.
