@@ -26,6 +26,8 @@ __all__ = [
     "VM",
     "ExecResult",
     "Pool",
+    "VMSpec",
+    "WorkloadSpec",
 ]
 
 __version__ = "0.1.0"
@@ -37,6 +39,10 @@ def __getattr__(name: str):
         from .runtime import vm
 
         return getattr(vm, name)
+    if name in ("VMSpec", "WorkloadSpec"):
+        from . import spec
+
+        return getattr(spec, name)
     if name == "Pool":
         from .runtime.pool import Pool
 
