@@ -341,7 +341,21 @@ def bench_peers(r: dict[str, Any]) -> list[Table]:
                   ["command", "p50", "p99", f"/ {r['baseline']} (p50)"], rows, notes)]
 
 
+def bench_cli(r: dict[str, Any]) -> list[Table]:
+    s, ratios, target = r["summary"], r["ratio_median_vs_baseline"], r["target_ratio"]
+    rows = []
+    for name in r["commands"]:
+        ok = ("yes" if ratios[name] <= target else "NO") if name in r["targets"] else ""
+        rows.append([name, fmt_s(s[name]["median"]), fmt_s(s[name]["p99"]),
+                     fmt_x(ratios[name]), ok])
+    return [Table(f"the command line's fixed costs, whole process wall time ({r['reps']} reps, "
+                  "the order rotating; `ps` in an empty home)",
+                  ["command", "p50", "p99", f"/ {r['baseline']} (p50)",
+                   f"<= {target}x"], rows)]
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
     "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
+    "bench_cli": bench_cli,
 }

@@ -115,9 +115,18 @@ def peers_results() -> dict[str, Any]:
             "setup": {"runsc_flags": ["network=none"]}}
 
 
+def cli_results() -> dict[str, Any]:
+    names = ["python -c pass", "supermachine --version", "supermachine ps",
+             "supermachine --help"]
+    s = {n: summ(t) for n, t in zip(names, (0.016, 0.025, 0.035, 0.06), strict=True)}
+    return {"reps": 10, "baseline": "python -c pass", "commands": names, "summary": s,
+            "ratio_median_vs_baseline": {n: v["median"] / 0.016 for n, v in s.items()},
+            "target_ratio": 2.5, "targets": names[1:3]}
+
+
 FACTORIES = {"bench_run": run_results, "bench_pull": pull_results, "bench_exec": exec_results,
              "bench_snapshot": snapshot_results, "bench_net": net_results,
-             "bench_peers": peers_results}
+             "bench_peers": peers_results, "bench_cli": cli_results}
 
 README = """# Benchmarks
 
