@@ -31,11 +31,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Error
@@ -49,9 +46,30 @@ def default_root() -> Path:
     return Path(xdg) / "supermachine"
 
 
-@dataclass(frozen=True)
 class Home:
-    root: Path
+    """The state directory at ``root``; immutable, equal to another Home of the same root.
+
+    A plain class rather than a frozen dataclass: every command imports this module, and
+    importing dataclasses (inspect, ast, dis, tokenize) would cost `ps` most of its start-up.
+    """
+
+    __slots__ = ("_root",)
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def __eq__(self, other: object) -> bool:
+        return self._root == other._root if isinstance(other, Home) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._root)
+
+    def __repr__(self) -> str:
+        return f"Home(root={self._root!r})"
 
     @classmethod
     def default(cls) -> Home:
@@ -136,6 +154,8 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     On any exception (Ctrl-C included) the temp file is removed, so no half-written
     entry is ever visible under the final name.
     """
+    import tempfile  # here, not at the top: commands that only read state never need it
+
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{final.name}-", suffix=suffix)
     os.close(fd)
@@ -159,6 +179,8 @@ def atomic_write_bytes(final: Path, data: bytes, mode: int = 0o644) -> None:
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
+    import hashlib  # here, not at the top: ~5 ms (OpenSSL) that `ps` and `--help` never use
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -17,12 +17,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import UsageError, VMError
@@ -39,43 +37,103 @@ _NOUNS = ("ada", "babbage", "curie", "darwin", "euler", "fermi", "gauss", "hoppe
           "lovelace", "noether", "pascal", "ritchie", "shannon", "turing", "wozniak")
 
 
-@dataclass(frozen=True)
 class VMRecord:
+    """A detached VM's record, as state.json holds it: keyword arguments, defaults below,
+    immutable (a changed copy comes from ``replace``).
+
+    A plain class rather than a frozen dataclass: `ps` reads these, and importing
+    dataclasses (inspect, ast, dis, tokenize) would be most of its start-up.
+    """
+
     name: str
     id: str
     image: str
     command: list[str]
     created: float
-    status: str = STARTING
-    supervisor_pid: int | None = None
-    qemu_pid: int | None = None
-    started: float | None = None
-    finished: float | None = None
-    exit_code: int | None = None
-    error: str | None = None
-    memory_mib: int | None = None
-    cpus: int | None = None
-    ports: list[str] = field(default_factory=list)  # published, "127.0.0.1:8080->80/tcp"
-    options: dict[str, object] = field(default_factory=dict)  # how to run the workload
+    status: str
+    supervisor_pid: int | None
+    qemu_pid: int | None
+    started: float | None
+    finished: float | None
+    exit_code: int | None
+    error: str | None
+    memory_mib: int | None
+    cpus: int | None
+    ports: list[str]  # published, "127.0.0.1:8080->80/tcp"
+    options: dict[str, object]  # how to run the workload
+
+    #: every field, in state.json's order; a field without a default must be given
+    FIELDS = ("name", "id", "image", "command", "created", "status", "supervisor_pid",
+              "qemu_pid", "started", "finished", "exit_code", "error", "memory_mib", "cpus",
+              "ports", "options")
+    _DEFAULTS: dict[str, object] = {
+        "status": STARTING, "supervisor_pid": None, "qemu_pid": None, "started": None,
+        "finished": None, "exit_code": None, "error": None, "memory_mib": None, "cpus": None}
+    _FACTORIES = {"ports": list, "options": dict}  # a fresh value for each record
+    __slots__ = FIELDS
+
+    def __init__(self, **fields: object) -> None:
+        unknown = fields.keys() - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"VMRecord got unknown fields {sorted(unknown)}")
+        for name in self.FIELDS:
+            if name in fields:
+                value = fields[name]
+            elif name in self._DEFAULTS:
+                value = self._DEFAULTS[name]
+            elif name in self._FACTORIES:
+                value = self._FACTORIES[name]()
+            else:
+                raise TypeError(f"VMRecord needs the field {name!r}")
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"VMRecord is immutable: use replace(), not .{name} = ...")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("VMRecord is immutable")
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def replace(self, **changes: object) -> VMRecord:
+        return VMRecord(**{**self.as_dict(), **changes})
+
+    def __eq__(self, other: object) -> bool:
+        return self.as_dict() == other.as_dict() if isinstance(other, VMRecord) else \
+            NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (mutable lists inside, as with the dataclass)
+
+    def __repr__(self) -> str:
+        return "VMRecord(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
+        import json  # here, not at the top: `ps` in a home without VMs never needs it
+
+        return json.dumps(self.as_dict(), indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> VMRecord:
+        import json
+
         obj = json.loads(data)
         if not isinstance(obj, dict):
             raise ValueError("not an object")
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in obj.items() if k in known})
+        return cls(**{k: v for k, v in obj.items() if k in cls.FIELDS})
 
 
-@dataclass(frozen=True)
 class VMState:
     """A record plus what the lock says about it right now."""
 
-    record: VMRecord
-    alive: bool
+    __slots__ = ("record", "alive")
+
+    def __init__(self, record: VMRecord, alive: bool) -> None:
+        self.record = record
+        self.alive = alive
+
+    def __repr__(self) -> str:
+        return f"VMState({self.record!r}, alive={self.alive})"
 
     @property
     def status(self) -> str:
@@ -120,7 +178,7 @@ class VMDir:
         atomic_write_bytes(self.state, record.to_json(), mode=0o600)
 
     def update(self, **changes: object) -> VMRecord:
-        record = replace(self.read(), **changes)
+        record = self.read().replace(**changes)
         self.write(record)
         return record
 

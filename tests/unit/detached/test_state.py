@@ -126,3 +126,32 @@ def test_human_duration(seconds, text):
 ])
 def test_stop_signal(text, signo):
     assert parse_stop_signal(text) == signo
+
+
+def test_record_round_trips_and_stays_immutable(home):
+    d = detached.create(home, "rec")
+    r = _record(d, ports=["127.0.0.1:8080->80/tcp"])
+    assert d.read() == r
+    assert r.status == detached.STARTING and r.options == {} and r.exit_code is None
+    changed = d.update(status=detached.RUNNING, qemu_pid=42)
+    assert (changed.status, changed.qemu_pid, changed.name) == (detached.RUNNING, 42, "rec")
+    assert d.read() == changed and changed != r
+    with pytest.raises(AttributeError):
+        r.status = detached.EXITED  # type: ignore[misc]
+    other = detached.VMRecord(name="x", id="0", image="i", command=[], created=0.0)
+    assert other.ports == [] and other.ports is not detached.VMRecord(
+        name="y", id="1", image="i", command=[], created=0.0).ports  # fresh defaults
+
+
+def test_record_refuses_unknown_or_missing_fields():
+    with pytest.raises(TypeError):
+        detached.VMRecord(name="x", id="0", image="i", command=[])  # no created
+    with pytest.raises(TypeError):
+        detached.VMRecord(name="x", id="0", image="i", command=[], created=0.0, bogus=1)
+
+
+def test_unknown_fields_in_state_json_are_ignored(home):
+    d = detached.create(home, "newer")
+    r = _record(d)
+    d.state.write_bytes(r.to_json()[:-1] + b', "from_a_newer_version": 1}')
+    assert d.read() == r
