@@ -5,6 +5,7 @@ it uses when it runs, so `--version`, `--help` and `ps` pay only for what they u
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,6 +14,30 @@ from . import images, run, snapshots, vms
 from .common import PROG
 from .interrupts import INTERRUPTS
 
+GROUPS = (run, images, vms, snapshots)  # their commands, in the order `--help` lists them
+
+
+def _help_width() -> int:
+    """The width argparse's formatter takes by default, shutil.get_terminal_size().columns
+    - 2 ($COLUMNS, else the terminal's, else 80), without importing shutil: argparse makes
+    a formatter for every option it adds, and importing shutil (bz2, lzma) for that was
+    ~3 ms of every command's start-up."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_help_width())
+
 
 class _Parser(argparse.ArgumentParser):
     """No prefix matching of long options, here and in every subcommand (the subparsers
@@ -20,10 +45,35 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: the global options that may come before the command (see command_named)
+_GLOBAL_FLAGS = ("--debug", "-v", "--verbose")
+
+
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command argv plainly names: its first word that is not a global option (nor
+    --home's value). None when in doubt (help asked for, an option we do not know, no
+    command, or one that does not exist): then the whole parser is built."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--home":
+            next(args, None)
+        elif arg in _GLOBAL_FLAGS or arg.startswith("--home="):
+            continue
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg if any(arg in g.COMMANDS for g in GROUPS) else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``command`` one that knows only that command: argparse
+    builds every subcommand's parser eagerly (~10 ms for all of them, a formatter per
+    option), and parsing `ps` needs only its own. Help and errors use the whole one."""
     from .. import __version__
 
     parser = _Parser(prog=PROG, description="Run OCI/Docker images as isolated microVMs.")
@@ -35,13 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="state and cache directory (default: $SUPERMACHINE_HOME or "
                              "~/.cache/supermachine)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (run, images, vms, snapshots):
-        group.add_commands(sub)
+    for group in GROUPS:
+        for name, add in group.COMMANDS.items():
+            if command is None or name == command:
+                add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_named(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -8,25 +8,33 @@ import sys
 from .common import add_registry_options, home_of, print_table, progress_of
 
 
-def add_commands(sub) -> None:
+def add_pull(sub) -> None:
     pull = sub.add_parser("pull", help="download an image from a registry")
     add_registry_options(pull)
     pull.add_argument("image", metavar="REF",
                       help="e.g. alpine, ghcr.io/o/r:tag, host:5000/r@sha256:...")
     pull.set_defaults(func=cmd_pull)
 
+
+def add_images(sub) -> None:
     images = sub.add_parser("images", help="list pulled images")
     images.add_argument("--digests", action="store_true", help="show manifest digests")
     images.set_defaults(func=cmd_images, reads_state_only=True)
 
+
+def add_rmi(sub) -> None:
     rmi = sub.add_parser("rmi", help="remove pulled images")
     rmi.add_argument("images", nargs="+", metavar="REF|DIGEST")
     rmi.set_defaults(func=cmd_rmi)
 
+
+def add_prune(sub) -> None:
     prune = sub.add_parser("prune", help="delete blobs and root filesystems no image uses, "
                                          "and what older versions built")
     prune.set_defaults(func=cmd_prune)
 
+
+def add_login(sub) -> None:
     login = sub.add_parser("login", help="save registry credentials (~/.docker/config.json)")
     login.add_argument("registry", metavar="REGISTRY")
     login.add_argument("-u", "--username", required=True)
@@ -36,9 +44,16 @@ def add_commands(sub) -> None:
     login.add_argument("--ca-file", metavar="PEM")
     login.set_defaults(func=cmd_login)
 
+
+def add_logout(sub) -> None:
     logout = sub.add_parser("logout", help="forget registry credentials")
     logout.add_argument("registry", metavar="REGISTRY")
     logout.set_defaults(func=cmd_logout)
+
+
+#: this group's commands, in the order `--help` lists them: name -> adds its parser
+COMMANDS = {"pull": add_pull, "images": add_images, "rmi": add_rmi, "prune": add_prune,
+            "login": add_login, "logout": add_logout}
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from .common import add_registry_options, home_of, notice, progress_of, report_e
 from .interrupts import INTERRUPTS
 
 
-def add_commands(sub) -> None:
+def add_run(sub) -> None:
     run = sub.add_parser("run", help="run a command in a new VM from an image",
                          description="Boot IMAGE in a fresh microVM and run its entrypoint "
                                      "and command (CMD replaces the image's Cmd).")
@@ -22,6 +22,10 @@ def add_commands(sub) -> None:
                           "snapshot:NAME")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
     run.set_defaults(func=cmd_run)
+
+
+#: this group's commands, in the order `--help` lists them: name -> adds its parser
+COMMANDS = {"run": add_run}
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

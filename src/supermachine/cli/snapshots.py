@@ -8,7 +8,7 @@ from ..errors import UsageError
 from .common import home_of, print_table
 
 
-def add_commands(sub) -> None:
+def add_snapshot(sub) -> None:
     snap = sub.add_parser("snapshot", help="save a running detached VM as a named snapshot",
                           description="Save VM (as warmed up so far) as snapshot NAME; start "
                                       "VMs from it with `run snapshot:NAME`.")
@@ -16,10 +16,16 @@ def add_commands(sub) -> None:
     snap.add_argument("name", metavar="NAME")
     snap.set_defaults(func=cmd_snapshot)
 
+
+def add_snapshots(sub) -> None:
     snaps = sub.add_parser("snapshots", help="list named snapshots (`snapshots rm NAME` removes)")
     snaps.add_argument("action", nargs="?", choices=["ls", "rm"], default="ls")
     snaps.add_argument("names", nargs="*", metavar="NAME")
     snaps.set_defaults(func=cmd_snapshots, reads_state_only=True)
+
+
+#: this group's commands, in the order `--help` lists them: name -> adds its parser
+COMMANDS = {"snapshot": add_snapshot, "snapshots": add_snapshots}
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

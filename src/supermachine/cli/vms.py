@@ -12,7 +12,7 @@ from ..errors import UsageError, VMError
 from .common import PROG, home_of, print_table, report_exit
 
 
-def add_commands(sub) -> None:
+def add_exec(sub) -> None:
     ex = sub.add_parser("exec", help="run a command in a running detached VM")
     ex.add_argument("-i", "--interactive", action="store_true", help="pass stdin through")
     ex.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
@@ -24,35 +24,52 @@ def add_commands(sub) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD ...")
     ex.set_defaults(func=cmd_exec)
 
+
+def add_cp(sub) -> None:
     cp = sub.add_parser("cp", help="copy a file between here and a VM (VM:PATH on one side)")
     cp.add_argument("src", metavar="SRC")
     cp.add_argument("dst", metavar="DST")
     cp.set_defaults(func=cmd_cp)
 
+
+def add_ps(sub) -> None:
     ps = sub.add_parser("ps", help="list detached VMs")
     ps.add_argument("-a", "--all", action="store_true", help="include stopped VMs")
     ps.add_argument("-q", "--quiet", action="store_true", help="names only")
     ps.set_defaults(func=cmd_ps, reads_state_only=True)
 
+
+def add_logs(sub) -> None:
     logs = sub.add_parser("logs", help="show the output of a detached VM's main command")
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the VM exits")
     logs.add_argument("vm", metavar="VM")
     logs.set_defaults(func=cmd_logs, reads_state_only=True)
 
+
+def add_stop(sub) -> None:
     stop = sub.add_parser("stop", help="stop detached VMs (stop signal, then kill)")
     stop.add_argument("-t", "--time", type=float, default=10.0, metavar="SECS",
                       help="seconds to wait before killing (default 10)")
     stop.add_argument("vms", nargs="+", metavar="VM")
     stop.set_defaults(func=cmd_stop)
 
+
+def add_rm(sub) -> None:
     rm = sub.add_parser("rm", help="remove stopped detached VMs")
     rm.add_argument("-f", "--force", action="store_true", help="stop running ones first")
     rm.add_argument("vms", nargs="+", metavar="VM")
     rm.set_defaults(func=cmd_rm)
 
+
+def add_inspect(sub) -> None:
     inspect = sub.add_parser("inspect", help="show detached VMs' state as JSON")
     inspect.add_argument("vms", nargs="+", metavar="VM")
     inspect.set_defaults(func=cmd_inspect, reads_state_only=True)
+
+
+#: this group's commands, in the order `--help` lists them: name -> adds its parser
+COMMANDS = {"exec": add_exec, "cp": add_cp, "ps": add_ps, "logs": add_logs, "stop": add_stop,
+            "rm": add_rm, "inspect": add_inspect}
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -125,7 +142,6 @@ def _need_running(d) -> None:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    import shlex
     import time
 
     from ..detached import state
@@ -137,6 +153,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
             print(s.record.name)
         return 0
     rows = [("NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS")]
+    if states:
+        import shlex  # only to show commands: no VMs, no import
     for s in states:
         r = s.record
         command = shlex.join(r.command)

@@ -36,3 +36,45 @@ def test_full_option_names_still_parse():
                                           "--no-snapshot", "IMAGE", "echo", "--init"])
     assert (args.initrd, args.kernel, args.no_snapshot) == ("/y", "/x", True)
     assert args.cmd == ["echo", "--init"]  # after the image, everything is the command
+
+
+def _subparsers(parser):
+    return next(a for a in parser._actions if a.dest == "command").choices
+
+
+def test_a_parser_for_one_command_parses_and_helps_as_the_whole_one():
+    full = _subparsers(cli.build_parser())
+    assert list(full) == [n for g in cli.GROUPS for n in g.COMMANDS]
+    for name in full:
+        one = _subparsers(cli.build_parser(name))
+        assert list(one) == [name]
+        assert one[name].format_help() == full[name].format_help()
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["ps"], "ps"),
+    (["--debug", "-v", "--home", "/h", "run", "IMAGE"], "run"),
+    (["--home=/h", "ps", "-a"], "ps"),
+    (["--home", "ps"], None),           # ps is --home's value: no command
+    (["-h", "ps"], None),               # the top-level help lists every command
+    (["-vh", "ps"], None),              # an option we do not know: the whole parser
+    (["--version"], None),
+    (["nosuchcommand"], None),          # the error lists every command
+    ([], None),
+])
+def test_command_named(argv, command):
+    assert cli.command_named(argv) == command
+
+
+def test_ps_imports_stay_light(tmp_path):
+    """`ps` must not pull in what only other commands need (start-up time, issue 10)."""
+    code = ("import sys\n"
+            "from supermachine.cli import main\n"
+            f"assert main(['--home', {str(tmp_path)!r}, 'ps']) == 0\n"
+            "heavy = {'dataclasses', 'inspect', 'hashlib', 'tempfile', 'json', 'logging',\n"
+            "         'shutil', 'typing', 'supermachine.runtime', 'supermachine.images'}\n"
+            "print(sorted(heavy & set(sys.modules)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]"
