@@ -99,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if not getattr(args, "reads_state_only", False) or args.debug or args.verbose:
-        import logging  # ~10 ms: not for commands that only read state (ps, inspect, ...)
+    # logging costs ~10 ms to import: commands whose code never logs (ps, pull, images, ...;
+    # set_defaults(logs_nothing=True)) set it up only for --debug and --verbose.
+    if not getattr(args, "logs_nothing", False) or args.debug or args.verbose:
+        import logging
 
         level = logging.DEBUG if args.debug else logging.INFO if args.verbose else \
             logging.WARNING

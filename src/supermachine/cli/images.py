@@ -13,13 +13,13 @@ def add_pull(sub) -> None:
     add_registry_options(pull)
     pull.add_argument("image", metavar="REF",
                       help="e.g. alpine, ghcr.io/o/r:tag, host:5000/r@sha256:...")
-    pull.set_defaults(func=cmd_pull)
+    pull.set_defaults(func=cmd_pull, logs_nothing=True)
 
 
 def add_images(sub) -> None:
     images = sub.add_parser("images", help="list pulled images")
     images.add_argument("--digests", action="store_true", help="show manifest digests")
-    images.set_defaults(func=cmd_images, reads_state_only=True)
+    images.set_defaults(func=cmd_images, logs_nothing=True)
 
 
 def add_rmi(sub) -> None:

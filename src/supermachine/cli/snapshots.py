@@ -21,7 +21,7 @@ def add_snapshots(sub) -> None:
     snaps = sub.add_parser("snapshots", help="list named snapshots (`snapshots rm NAME` removes)")
     snaps.add_argument("action", nargs="?", choices=["ls", "rm"], default="ls")
     snaps.add_argument("names", nargs="*", metavar="NAME")
-    snaps.set_defaults(func=cmd_snapshots, reads_state_only=True)
+    snaps.set_defaults(func=cmd_snapshots, logs_nothing=True)
 
 
 #: this group's commands, in the order `--help` lists them: name -> adds its parser

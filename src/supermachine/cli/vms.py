@@ -36,14 +36,14 @@ def add_ps(sub) -> None:
     ps = sub.add_parser("ps", help="list detached VMs")
     ps.add_argument("-a", "--all", action="store_true", help="include stopped VMs")
     ps.add_argument("-q", "--quiet", action="store_true", help="names only")
-    ps.set_defaults(func=cmd_ps, reads_state_only=True)
+    ps.set_defaults(func=cmd_ps, logs_nothing=True)
 
 
 def add_logs(sub) -> None:
     logs = sub.add_parser("logs", help="show the output of a detached VM's main command")
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the VM exits")
     logs.add_argument("vm", metavar="VM")
-    logs.set_defaults(func=cmd_logs, reads_state_only=True)
+    logs.set_defaults(func=cmd_logs, logs_nothing=True)
 
 
 def add_stop(sub) -> None:
@@ -64,7 +64,7 @@ def add_rm(sub) -> None:
 def add_inspect(sub) -> None:
     inspect = sub.add_parser("inspect", help="show detached VMs' state as JSON")
     inspect.add_argument("vms", nargs="+", metavar="VM")
-    inspect.set_defaults(func=cmd_inspect, reads_state_only=True)
+    inspect.set_defaults(func=cmd_inspect, logs_nothing=True)
 
 
 #: this group's commands, in the order `--help` lists them: name -> adds its parser

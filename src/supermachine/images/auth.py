@@ -17,7 +17,6 @@ import base64
 import binascii
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +103,8 @@ def _decode_auth(entry: object, where: str) -> Credentials | None:
 def _run_helper(helper: str, action: str, stdin: bytes) -> bytes:
     if not helper or not all(c.isalnum() or c in "-_." for c in helper):
         raise AuthError(f"invalid credential helper name {helper!r} in docker config")
+    import subprocess  # here: only credential helpers need it (start-up)
+
     prog = f"docker-credential-{helper}"
     try:
         proc = subprocess.run(

@@ -7,7 +7,6 @@ nothing. Downloads call in from several threads, so every method takes the lock.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import threading
 import time
@@ -176,6 +175,8 @@ class TerminalProgress(_Tracker):
         self._draw()
 
     def _draw(self) -> None:
+        import shutil  # here: `pull -q` never draws (start-up)
+
         width = max(shutil.get_terminal_size((80, 24)).columns - 1, 20)
         lines = [self._layer_line(d, ly) for d, ly in self._layers.items()]
         lines.append(self._total_line())

@@ -26,7 +26,6 @@ from ..errors import ImageError
 from ..home import Home, atomic_write_bytes, file_lock
 from .manifest import parse_manifest, parse_platform, sniff_media_type
 from .reference import Reference, parse_reference
-from .rootfs import prune_stale_builds
 
 RECORD_MAX = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -309,6 +308,8 @@ def prune(home: Home) -> PruneResult:
             if not stale:
                 dropped_configs.add(f"sha256:{name}")
         _remove_rootfs(home, dropped_configs)
+        from .rootfs import prune_stale_builds  # here: pulls never need rootfs's imports
+
         prune_stale_builds(home)
         # No pull runs now, so no one holds or waits on a blob lock.
         for lock in lock_dir(home).glob("blob-*.lock"):

@@ -78,3 +78,16 @@ def test_ps_imports_stay_light(tmp_path):
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "[]"
+
+
+def test_pull_imports_no_logging():
+    """`pull` sets up no logging (logs_nothing): its code must not log, nor import logging
+    at start-up (a module-level getLogger would log unformatted)."""
+    code = ("import sys\n"
+            "import supermachine.images.pull, supermachine.cli.images\n"
+            "print(sorted({'logging', 'concurrent.futures', 'shutil', 'subprocess'}\n"
+            "             & set(sys.modules)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]"
