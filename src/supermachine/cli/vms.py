@@ -236,7 +236,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import asdict
     from datetime import UTC, datetime
 
     from ..detached import state
@@ -249,7 +248,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name in args.vms:
         s = state.find(home, name).state_now()
         r = s.record
-        info = asdict(r)
+        info = r.as_dict()
         info.update(created=iso(r.created), started=iso(r.started), finished=iso(r.finished))
         info["state"] = {"status": s.status, "running": s.running, "dead": s.status == "dead",
                          "exit_code": r.exit_code, "error": r.error}

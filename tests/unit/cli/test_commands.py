@@ -61,3 +61,23 @@ def test_ps_and_inspect_on_an_empty_home(capsys, tmp_path):
     assert app.main(["--home", str(tmp_path), "inspect", "nope"]) != 0
     assert "no such VM" in capsys.readouterr().err
     assert os.listdir(tmp_path / "vms") == []
+
+
+def test_ps_and_inspect_show_a_record(capsys, tmp_path):
+    import json
+
+    from supermachine.detached import state
+    from supermachine.home import Home
+
+    d = state.create(Home(tmp_path), "rec")
+    d.write(state.VMRecord(name="rec", id="ab" * 32, image="busybox", command=["sh", "-c", "x"],
+                           created=1.0e9, status=state.EXITED, exit_code=3,
+                           ports=["127.0.0.1:8080->80/tcp"]))
+    assert app.main(["--home", str(tmp_path), "ps", "-a"]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert row.startswith("rec ") and '"sh -c x"' in row and "Exited (3)" in row
+    assert app.main(["--home", str(tmp_path), "inspect", "rec"]) == 0
+    [info] = json.loads(capsys.readouterr().out)
+    assert (info["name"], info["command"], info["exit_code"]) == ("rec", ["sh", "-c", "x"], 3)
+    assert info["created"].startswith("2001-09-09T") and info["state"]["status"] == "exited"
+    assert info["ports"] == ["127.0.0.1:8080->80/tcp"]
