@@ -78,6 +78,8 @@ class VM:
         self._progress = progress
         #: the build recipe, once started
         self.recipe: builder.Recipe | None = None
+        #: published ports, host side resolved (no 0 ports) once the VM runs
+        self.ports: tuple = ()
         #: name of the snapshot this VM was restored from (None when it booted)
         self.restored_from: str | None = None
         self._stack: contextlib.ExitStack | None = None
@@ -153,9 +155,6 @@ class VM:
             self._run_machine(stack, recipe.config)
         log.debug("prepared in %.0f ms, %s in %.0f ms", (t1 - t0) * 1000,
                   "restored" if snap else "booted", (time.monotonic() - t1) * 1000)
-
-    #: published ports, host side resolved (no 0 ports) once the VM runs
-    ports: tuple = ()
 
     def expose(self, guest_port: int, host_port: int = 0, proto: str = "tcp",
                host_ip: str = "127.0.0.1") -> int:
