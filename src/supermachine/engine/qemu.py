@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -35,6 +36,7 @@ from .qmp import QMPClient
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
 #: bump whenever build_command changes the machine's devices or options: snapshots made
 #: with another layout must not be restored (the version is part of their fingerprint)
 MACHINE_LAYOUT = 2
@@ -79,6 +81,9 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
         "-m", mem,
         "-smp", str(config.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        # QEMU's own seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec,
+        # no scheduler/affinity changes. It also sets no_new_privs.
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-kernel", str(config.kernel),
         "-initrd", str(config.initrd),
         "-append", " ".join((*config.cmdline, *net.guest_cmdline(config.network or
@@ -121,14 +126,27 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+#: open files a monitor process may hold (QEMU needs a few dozen; passt a few hundred)
+MAX_OPEN_FILES = 4096
+
+
 def _child_setup(parent: int) -> None:
     # Runs in the forked child before exec: die with the launching thread, and keep the
     # terminal's signals (Ctrl-C) away from QEMU: the VM owner decides when it stops.
-    _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc = _libc()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         # The launcher was killed between fork and prctl: no signal will ever come.
         os._exit(1)
     os.setpgid(0, 0)
+    # Parse guest-controlled state with as little as possible: no privileges gained through
+    # exec (setuid binaries, file capabilities), no core files (a dump would hold guest
+    # memory), a bounded number of open files.
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (cap, cap))
 
 
 def claim_host_ports(forwards: tuple[net.PortForward, ...]) -> tuple[net.PortForward, ...]:
