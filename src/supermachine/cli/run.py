@@ -44,6 +44,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--detach", action="store_true",
                    help="run in the background and print the VM's name")
     p.add_argument("--name", metavar="NAME", help="name of a detached VM (default: generated)")
+    p.add_argument("--log-max-size", metavar="SIZE",
+                   help="a detached VM's output log is rotated at SIZE, keeping one older "
+                        "file (default 64m)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"],
                    help="accelerator (default: hardware KVM when usable, else TCG)")
     p.add_argument("--kernel", metavar="PATH", help="guest kernel to boot instead of the default")
@@ -96,15 +99,18 @@ def specs(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.name and not args.detach:
-        raise UsageError("--name is for detached VMs: add -d")
+    if (args.name or args.log_max_size) and not args.detach:
+        raise UsageError("--name and --log-max-size are for detached VMs: add -d")
     vm_spec, work = specs(args)
     if args.detach:
+        from ..detached import logfile
         from ..detached.state import validate_name
         from ..detached.supervisor import launch
 
+        cap = logfile.parse_size(args.log_max_size) if args.log_max_size else \
+            logfile.DEFAULT_MAX_BYTES
         print(launch(home_of(args), validate_name(args.name) if args.name else None,
-                     vm_spec, work, verbose=args.verbose or args.debug))
+                     vm_spec, work, verbose=args.verbose or args.debug, log_max_bytes=cap))
         return 0
     from ..runtime.vm import VM
 

@@ -173,27 +173,42 @@ def cmd_logs(args: argparse.Namespace) -> int:
     import time
 
     from ..detached import state
+    from ..detached.logfile import rotated
     from ..detached.protocol import Decoder, Kind
 
     d = state.find(home_of(args), args.vm)
-    decoder = Decoder()
     out = {Kind.STDOUT: sys.stdout.buffer, Kind.STDERR: sys.stderr.buffer}
+
+    def emit(decoder: Decoder, chunk: bytes) -> None:
+        for frame in decoder.feed(chunk):
+            stream = out.get(frame.kind)
+            if stream is not None:
+                stream.write(frame.payload)
+                stream.flush()
+
+    # A decoder per file: frames never straddle two files (logfile.py).
+    with contextlib.suppress(FileNotFoundError), open(rotated(d.log), "rb") as older:
+        decoder = Decoder()
+        while chunk := older.read(1 << 16):
+            emit(decoder, chunk)
     try:
         f = open(d.log, "rb")  # noqa: SIM115 (closed below)
     except FileNotFoundError:
         return 0
-    with f:
+    try:
+        decoder = Decoder()
         while True:
             chunk = f.read(1 << 16)
             if chunk:
-                for frame in decoder.feed(chunk):
-                    stream = out.get(frame.kind)
-                    if stream is not None:
-                        stream.write(frame.payload)
-                        stream.flush()
+                emit(decoder, chunk)
                 continue
             if not args.follow:
                 break
+            if _replaced(d.log, f):  # rotated: this file is complete, go on with the new one
+                f.close()
+                f = open(d.log, "rb")  # noqa: SIM115
+                decoder = Decoder()
+                continue
             if not d.alive():
                 # The supervisor is gone: whatever it wrote is there now; read it and stop.
                 if not (rest := f.read()):
@@ -201,7 +216,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 f.seek(-len(rest), os.SEEK_CUR)
                 continue
             time.sleep(0.1)
+    finally:
+        f.close()
     return 0
+
+
+def _replaced(path, f) -> bool:
+    try:
+        return os.stat(path).st_ino != os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from ..runtime.threads import ThreadGroup
 from ..spec import VMSpec, WorkloadSpec
 from . import state as detached
 from .client import FrameSocket, socket_path
+from .logfile import DEFAULT_MAX_BYTES, LogWriter
 from .protocol import (
     ControlError,
     ExecRequest,
@@ -62,11 +63,13 @@ SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace peri
 # ---- CLI side ---------------------------------------------------------------------------
 
 def launch(home: Home, name: str | None, spec: VMSpec, workload: WorkloadSpec, *,
-           verbose: bool = False) -> str:
+           verbose: bool = False, log_max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """Start a detached VM; returns its name once it runs, raises with the boot error.
 
-    The VM and its workload travel to the supervisor as their specs, in state.json."""
-    options = {"vm": spec.to_json(), "workload": workload.to_json(), "verbose": verbose}
+    The VM and its workload travel to the supervisor as their specs, in state.json; its
+    output log is capped at ``log_max_bytes`` (twice that on disk, see logfile.py)."""
+    options = {"vm": spec.to_json(), "workload": workload.to_json(), "verbose": verbose,
+               "log_max_bytes": log_max_bytes}
     d = detached.create(home, name)
     try:
         lock_fd = os.open(d.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -263,7 +266,8 @@ class Supervisor:
     def _log_workload(self) -> None:
         code, error = 255, None
         try:
-            f = open(self.d.log, "ab", buffering=0)  # noqa: SIM115 (closed below)
+            cap = self._opts.get("log_max_bytes")
+            f = LogWriter(self.d.log, cap if isinstance(cap, int) else DEFAULT_MAX_BYTES)
         except OSError as e:
             log.warning("cannot open the log: %s", e)
             f = None
