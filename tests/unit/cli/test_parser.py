@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -66,28 +67,27 @@ def test_command_named(argv, command):
     assert cli.command_named(argv) == command
 
 
-def test_ps_imports_stay_light(tmp_path):
-    """`ps` must not pull in what only other commands need (start-up time, issue 10)."""
-    code = ("import sys\n"
-            "from supermachine.cli import main\n"
-            f"assert main(['--home', {str(tmp_path)!r}, 'ps']) == 0\n"
-            "heavy = {'dataclasses', 'inspect', 'hashlib', 'tempfile', 'json', 'logging',\n"
-            "         'shutil', 'typing', 'supermachine.runtime', 'supermachine.images'}\n"
-            "print(sorted(heavy & set(sys.modules)))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+def _modules_loaded(code: str, modules: set[str]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after running ``code``."""
+    check = f"{code}\nimport sys\nprint(sorted(set({sorted(modules)!r}) & set(sys.modules)))\n"
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == "[]"
+    return ast.literal_eval(r.stdout.splitlines()[-1])
+
+
+def test_ps_imports_stay_light(tmp_path):
+    """`ps` must not pull in what only other commands need (start-up time, issue 10)."""
+    code = ("from supermachine.cli import main\n"
+            f"assert main(['--home', {str(tmp_path)!r}, 'ps']) == 0")
+    heavy = {"dataclasses", "inspect", "hashlib", "tempfile", "json", "logging", "shutil",
+             "typing", "supermachine.runtime", "supermachine.images"}
+    assert _modules_loaded(code, heavy) == []
 
 
 def test_pull_imports_no_logging():
     """`pull` sets up no logging (logs_nothing): its code must not log, nor import logging
     at start-up (a module-level getLogger would log unformatted)."""
-    code = ("import sys\n"
-            "import supermachine.images.pull, supermachine.cli.images\n"
-            "print(sorted({'logging', 'concurrent.futures', 'shutil', 'subprocess'}\n"
-            "             & set(sys.modules)))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == "[]"
+    code = "import supermachine.images.pull, supermachine.cli.images"
+    assert _modules_loaded(code, {"logging", "concurrent.futures", "shutil",
+                                  "subprocess"}) == []
