@@ -354,8 +354,18 @@ def bench_cli(r: dict[str, Any]) -> list[Table]:
                    f"<= {target}x"], rows)]
 
 
+def bench_previous(r: dict[str, Any]) -> list[Table]:
+    s, ratio, target = r["summary"], r["ratio_current_over_earlier"], r["target_ratio"]
+    rows = [[name, fmt_s(v["median"]), fmt_s(v["p99"])] for name, v in s.items()]
+    return [Table(f"`run {r['image']} true`, restore path, this checkout against "
+                  f"{r['earlier_commit']} ({r['reps']} reps, alternating)",
+                  ["code", "p50", "p99"], rows,
+                  [f"this checkout / earlier (p50): {fmt_x(ratio)} "
+                   f"({'meets' if ratio <= target else 'misses'} <= {target}x)"])]
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
     "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
-    "bench_cli": bench_cli,
+    "bench_cli": bench_cli, "bench_previous": bench_previous,
 }

@@ -124,9 +124,17 @@ def cli_results() -> dict[str, Any]:
             "target_ratio": 2.5, "targets": names[1:3]}
 
 
+def previous_results() -> dict[str, Any]:
+    s = {"this checkout": summ(0.55), "earlier commit": summ(0.6)}
+    return {"reps": 4, "image": "busybox", "against": "b568066",
+            "earlier_commit": "b568066abcde", "summary": s,
+            "ratio_current_over_earlier": 0.55 / 0.6, "target_ratio": 1.0}
+
+
 FACTORIES = {"bench_run": run_results, "bench_pull": pull_results, "bench_exec": exec_results,
              "bench_snapshot": snapshot_results, "bench_net": net_results,
-             "bench_peers": peers_results, "bench_cli": cli_results}
+             "bench_peers": peers_results, "bench_cli": cli_results,
+             "bench_previous": previous_results}
 
 README = """# Benchmarks
 
