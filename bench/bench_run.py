@@ -66,7 +66,7 @@ def phases_child(image: str, home_root: str) -> None:
     from supermachine.home import Home
     from supermachine.images import ensure_rootfs
     from supermachine.images.source import open_local, parse_source
-    from supermachine.spec import resolve
+    from supermachine.spec import WorkloadSpec
     marks["import"] = t() - t0
 
     home = Home(Path(home_root))
@@ -97,9 +97,7 @@ def phases_child(image: str, home_root: str) -> None:
         client.hello(120, time_ns=time.time_ns(), entropy=os.urandom(64))
         marks["boot to HELLO"] = t() - t0
         cfg = img.config
-        work = resolve(entrypoint=cfg.entrypoint, cmd=cfg.cmd, env=cfg.env,
-                       working_dir=cfg.working_dir, user=cfg.user, cmd_override=["true"],
-                       caller_env={})
+        work = WorkloadSpec(cmd=("true",)).resolve(cfg)
         t0 = t()
         res = client.exec(list(work.argv), env=list(work.env), cwd=work.cwd, user=work.user)
         marks["exec true"] = t() - t0

@@ -44,24 +44,17 @@ class Workload:
     user: str | None  # None: uid 0, gid 0, no /etc/passwd needed (docker's default)
 
 
-def merge_env(base: Iterable[str], overrides: Iterable[str],
-              caller_env: Mapping[str, str]) -> tuple[str, ...]:
-    """Apply ``KEY=VALUE`` / ``KEY`` overrides on top of ``base``, keeping first-seen order."""
+def merge_env(base: Iterable[str], overrides: Iterable[str]) -> tuple[str, ...]:
+    """``KEY=VALUE`` overrides on top of ``base``, keeping first-seen order, docker's PATH
+    when neither has one. A bare ``KEY`` is `env_items`' business (docker's ``-e KEY``)."""
     merged: dict[str, str] = {}
     for item in base:
         key, sep, value = item.partition("=")
         if key and sep:
             merged[key] = value
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not key:
-            raise UsageError(f"invalid environment variable {item!r}: expected KEY=VALUE")
-        if "\0" in item:
-            raise UsageError("environment variables cannot contain NUL bytes")
-        if sep:
-            merged[key] = value
-        elif key in caller_env:
-            merged[key] = caller_env[key]
+    for item in env_items(overrides):
+        key, _, value = item.partition("=")
+        merged[key] = value
     if "PATH" not in merged:
         merged["PATH"] = DEFAULT_PATH
     return tuple(f"{k}={v}" for k, v in merged.items())
@@ -73,8 +66,7 @@ def resolve(*, entrypoint: Sequence[str], cmd: Sequence[str], env: Sequence[str]
             cmd_override: Sequence[str] | None = None,
             env_overrides: Iterable[str] = (),
             workdir_override: str | None = None,
-            user_override: str | None = None,
-            caller_env: Mapping[str, str] | None = None) -> Workload:
+            user_override: str | None = None) -> Workload:
     if entrypoint_override is not None:
         ep = [entrypoint_override] if isinstance(entrypoint_override, str) \
             else list(entrypoint_override)
@@ -93,7 +85,7 @@ def resolve(*, entrypoint: Sequence[str], cmd: Sequence[str], env: Sequence[str]
         raise UsageError(f"working directory {cwd!r} must be an absolute path")
     return Workload(
         argv=argv,
-        env=merge_env(env, env_overrides, caller_env if caller_env is not None else {}),
+        env=merge_env(env, env_overrides),
         cwd=cwd,
         user=user_override or user or None,
     )
@@ -262,7 +254,7 @@ class WorkloadSpec:
                        working_dir=config.working_dir, user=config.user,
                        entrypoint_override=self.entrypoint, cmd_override=self.cmd or None,
                        env_overrides=self.env, workdir_override=self.workdir,
-                       user_override=self.user, caller_env={})
+                       user_override=self.user)
 
     def to_json(self) -> dict[str, Any]:
         return {"entrypoint": None if self.entrypoint is None else list(self.entrypoint),

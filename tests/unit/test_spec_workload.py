@@ -7,6 +7,7 @@ import pytest
 from supermachine.errors import UsageError
 from supermachine.spec import (
     DEFAULT_PATH,
+    env_items,
     parse_cpus,
     parse_hostname,
     parse_machine_id,
@@ -41,8 +42,8 @@ def test_empty_entrypoint_override_resets_entrypoint():
 
 
 def test_env_overrides_and_passthrough():
-    w = resolve(**IMAGE, env_overrides=["A=2", "B=x=y", "HOMEISH", "MISSING"],
-                caller_env={"HOMEISH": "/h"})
+    w = resolve(**IMAGE, env_overrides=env_items(["A=2", "B=x=y", "HOMEISH", "MISSING"],
+                                                 {"HOMEISH": "/h"}))
     assert w.env == ("A=2", "PATH=/bin", "B=x=y", "HOMEISH=/h")
 
 
