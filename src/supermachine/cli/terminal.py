@@ -68,7 +68,8 @@ def pump(proc: Streaming, *, stdin_fd: int | None, tty_fd: int | None = None,
 
     ``tty_fd``: the terminal whose size is followed (SIGWINCH -> resize), if any.
     """
-    stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    from ..runtime.threads import ThreadGroup
+
     winch_r, winch_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     old_handler = None
     if tty_fd is not None and threading.current_thread() is threading.main_thread():
@@ -76,25 +77,24 @@ def pump(proc: Streaming, *, stdin_fd: int | None, tty_fd: int | None = None,
             with contextlib.suppress(OSError):  # only async-signal-safe work here
                 os.write(winch_w, b"w")
         old_handler = signal.signal(signal.SIGWINCH, on_winch)
-    feeder = threading.Thread(target=_feed, name="stdin", daemon=True,
-                              args=(proc, stdin_fd, tty_fd, winch_r, stop_r))
-    feeder.start()
     try:
-        out = {2: stderr_fd}
-        for stream, data in proc:
-            _write_all(out.get(int(stream), stdout_fd), data)
-        return proc.wait()
+        with ThreadGroup("terminal") as threads:  # stops and joins the feeder on the way out
+            threads.start(_feed, proc, stdin_fd, tty_fd, winch_r, threads.stop_event(),
+                          name="stdin")
+            out = {2: stderr_fd}
+            for stream, data in proc:
+                _write_all(out.get(int(stream), stdout_fd), data)
+            return proc.wait()
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGWINCH, old_handler)
-        os.write(stop_w, b"q")
-        feeder.join(timeout=1.0)
-        for fd in (stop_r, stop_w, winch_r, winch_w):
+        for fd in (winch_r, winch_w):
             os.close(fd)
 
 
 def _feed(proc: Streaming, stdin_fd: int | None, tty_fd: int | None, winch_r: int,
-          stop_r: int) -> None:
+          stop) -> None:
+    stop_r = stop.fileno()
     watch = [stop_r, winch_r] + ([stdin_fd] if stdin_fd is not None else [])
     try:
         while True:
