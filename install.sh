@@ -3,6 +3,8 @@
 #   - Debian packages: QEMU, squashfs-tools-ng, a C toolchain for the guest init (musl), and
 #     what the test suite uses (skopeo, docker-registry, mmdebstrap, busybox-static, ...);
 #   - a virtualenv in .venv with supermachine installed (this compiles the guest init);
+#   - the supermachine guest kernel, built from Debian's linux-source package (~6 min on two
+#     cores, once: later runs find it built; if the build fails, VMs boot Debian's kernel);
 #   - a demo: builds a tiny busybox image from Debian packages and boots it.
 # Re-running is cheap: every step is skipped when already done.
 set -euo pipefail
@@ -15,6 +17,8 @@ APT_PACKAGES=(
   apache2-utils openssl kmod passt util-linux procps lz4 binutils
   # the docker-behaviour oracle in the tests (podman with runc) and the peers in bench/
   podman runc runsc
+  # building the guest kernel from source (supermachine kernel build)
+  flex bison bc libelf-dev xz-utils
 )
 
 need=()
@@ -41,6 +45,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "==> installing supermachine into .venv (builds the guest init)"
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "==> building the supermachine guest kernel (minutes the first time; skipped when built)"
+.venv/bin/supermachine kernel build || echo "==> the kernel build failed (see above): VMs boot Debian's cloud kernel"
 
 echo "==> building the demo image (busybox, from Debian's busybox-static)"
 IMAGE=$(.venv/bin/python -c "from tests.fixtures import images; print(images.busybox())")

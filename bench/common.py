@@ -39,7 +39,7 @@ if str(REPO / "src") not in sys.path:
 
 from tables import SCHEMA, Table, fmt_s, render_text  # noqa: E402, F401 (fmt_s: for benches)
 
-from supermachine.home import Home  # noqa: E402 (needs the path set up above)
+from supermachine.home import Home, default_root  # noqa: E402 (needs the path set up above)
 
 RESULTS = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
@@ -49,6 +49,8 @@ WARM_HOME = Path(os.environ.get("SUPERMACHINE_BENCH_HOME", "/var/tmp/supermachin
 # apt again (the kernel is the same package either way).
 TEST_HOME = Path(os.environ.get("SUPERMACHINE_TEST_HOME", "/var/tmp/supermachine-test-home"))
 SCRATCH = Path("/var/tmp")
+# The supermachine kernel install.sh built (minutes) is shared by every home a benchmark makes.
+os.environ.setdefault("SUPERMACHINE_KERNELS", str(Home(default_root()).kernels))
 
 
 # ---------------------------------------------------------------------------- arguments

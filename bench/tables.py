@@ -369,3 +369,41 @@ TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
     "bench_cli": bench_cli, "bench_previous": bench_previous,
 }
+
+
+def bench_kernel(r: dict[str, Any]) -> list[Table]:
+    k = r["kernels"]
+    names = ("debian", "supermachine")
+
+    def row(label: str, key: str, fmt=fmt_s) -> list[str]:
+        cells = [fmt(k[n][key]["median"]) for n in names]
+        cells += [fmt(k[n][key]["p99"]) for n in names]
+        q = k["supermachine"][key]["median"] / k["debian"][key]["median"]
+        return [label, *cells, fmt_x(q)]
+
+    def count(v: float) -> str:
+        return f"{v:,.0f}"
+
+    b = r["build"]
+    return [
+        Table(f"guest kernels, busybox, {r['memory']} guest, n={r['reps']} each, interleaved "
+              f"(target cold ratio <= {r['target_cold_ratio']:g}x)",
+              ["measure", "debian p50", "supermachine p50", "debian p99", "supermachine p99",
+               "supermachine / debian (p50)"], [
+                  row("CLI run --no-snapshot IMAGE true (cold boot)", "cold_run_no_snapshot"),
+                  row("restore -> first exec result (API, no network)",
+                      "restore_to_first_exec"),
+                  row("  of which restore (start())", "restore_only"),
+                  row("  of which first exec", "first_exec"),
+                  row("TCG blocks translated by the first exec", "first_exec_blocks", count),
+                  row("PSS of an idle restored VM's QEMU", "idle_restored_pss", mib),
+              ]),
+        Table("guest RAM touched by boot and bake (allocated in the snapshot memory file), and "
+              "the install-time build", ["measure", "value"], [
+                  ["debian", mib(k["debian"]["snapshot_memory_allocated"])],
+                  ["supermachine", mib(k["supermachine"]["snapshot_memory_allocated"])],
+                  ["build wall time (extract, config, make vmlinux)",
+                   f"{b['wall_s']:.0f} s with {b['jobs']} jobs"],
+                  ["disk used at peak by the build", mib(b["disk_peak_bytes"])],
+                  ["vmlinux kept", mib(b["vmlinux_bytes"])]]),
+    ]

@@ -99,7 +99,36 @@ def pytest_configure(config: pytest.Config) -> None:
             with contextlib.suppress(OSError):  # not ours to change: leave it as it is
                 d.chmod(0o755)
         os.environ["SUPERMACHINE_DOWNLOADS"] = str(downloads)
+    if not os.environ.get("SUPERMACHINE_KERNELS"):
+        os.environ["SUPERMACHINE_KERNELS"] = str(_share_built_kernel(TEST_ROOT / "kernels"))
     config.pluginmanager.register(_VmFreeGuard(), "vm-free-guard")
+
+
+def _share_built_kernel(shared: Path) -> Path:
+    """A kernels directory every session (and the unprivileged user) can read, holding the
+    supermachine kernel install.sh built in the user's own home (copied once per build; the
+    user's home may be private). Without one, VMs boot Debian's kernel and say so."""
+    from supermachine.guest import kbuild
+    from supermachine.home import Home
+
+    shared.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        shared.chmod(0o755)
+    built = kbuild.built_kernel(Home.default())
+    if built is None:
+        return shared
+    target = shared / built.path.parent.name
+    with kbuild.file_lock(shared / ".build.lock"):
+        if not (target / "kernel.json").is_file():
+            stage = Path(tempfile.mkdtemp(dir=shared, prefix=".tmp-copy-"))
+            for name in ("vmlinux", "config", "kernel.json"):
+                shutil.copyfile(built.path.parent / name, stage / name)
+                (stage / name).chmod(0o644)
+            stage.chmod(0o755)
+            os.replace(stage, target)
+        kbuild.atomic_write_bytes(shared / f"sm-{kbuild.config_digest()}.json",
+                                  (target / "kernel.json").read_bytes())
+    return shared
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -13,11 +13,14 @@ Layout (all under ``Home.root``)::
                                 entries of dead processes are swept on start
     downloads/                  downloaded inputs (the guest kernel's .deb), verified by
                                 digest before use and shared by every version of the code
+    kernels/                    guest kernels built from source (guest/kbuild.py), keyed by
+                                source, config and compiler
 
 ``SUPERMACHINE_HOME`` overrides the root; otherwise ``$XDG_CACHE_HOME/supermachine``
 (default ``~/.cache/supermachine``). ``SUPERMACHINE_DOWNLOADS`` puts ``downloads/``
 elsewhere, so several homes (test sessions, benchmarks) share what was downloaded and
-nothing that was built.
+nothing that was built. ``SUPERMACHINE_KERNELS`` does the same for ``kernels/``: a kernel
+takes minutes to build, so homes share the one the install built.
 
 Everything built from inputs is keyed by those inputs and by the version of the code that
 built it (`codeversion`), so an upgrade rebuilds what its changes touch.
@@ -113,7 +116,14 @@ class Home:
 
     @property
     def downloads(self) -> Path:
-        shared = os.environ.get("SUPERMACHINE_DOWNLOADS")
+        return self._shared("SUPERMACHINE_DOWNLOADS", "downloads")
+
+    @property
+    def kernels(self) -> Path:
+        return self._shared("SUPERMACHINE_KERNELS", "kernels")
+
+    def _shared(self, variable: str, name: str) -> Path:
+        shared = os.environ.get(variable)
         if shared:
             path = Path(shared).expanduser()
             try:
@@ -121,7 +131,7 @@ class Home:
             except OSError as e:
                 raise Error(f"cannot create {path}: {e.strerror}") from e
             return path
-        return self._dir("downloads")
+        return self._dir(name)
 
     def blob_path(self, digest: str) -> Path:
         """Path of a blob in the store; ``digest`` must already be validated."""

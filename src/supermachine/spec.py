@@ -159,6 +159,7 @@ SPEC_VERSION = 1
 DEFAULT_MEMORY = "512M"
 DEFAULT_MEMORY_MIB = 512
 ACCELS = ("auto", "kvm", "tcg")
+KERNEL_NAMES = ("supermachine", "debian")  # guest/kbuild.py's NAME and DEBIAN
 PULL_POLICIES = ("always", "missing", "never")
 
 # Bounds on what a spec may carry (specs come from untrusted JSON too).
@@ -288,6 +289,28 @@ def env_items(env: Mapping[str, str] | Iterable[str] | None,
     return tuple(out)
 
 
+MAX_ENV_FILE = 1 << 20  # bytes of one --env-file
+
+
+def parse_env_file(text: str, caller_env: Mapping[str, str] | None = None,
+                   what: str = "env file") -> tuple[str, ...]:
+    """Docker's ``--env-file`` format: one ``KEY=VALUE`` per line taken literally (no quotes,
+    no expansion), a bare ``KEY`` copied from ``caller_env`` (dropped if unset there), blank
+    lines and lines starting with ``#`` ignored; a name with whitespace is an error."""
+    if len(text) > MAX_ENV_FILE:
+        raise UsageError(f"{what} is over {MAX_ENV_FILE >> 20} MiB")
+    items = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, _ = line.partition("=")
+        if not key or any(c.isspace() for c in key) or "\0" in line:
+            raise UsageError(f"{what} line {n}: invalid variable name {key[:64]!r}")
+        items.append(line if sep else key)
+    return env_items(items, caller_env)
+
+
 def _port_text(forward: net.PortForward) -> str:
     return f"{forward.host_ip}:{forward.host_port}:{forward.guest_port}/{forward.proto}"
 
@@ -301,6 +324,8 @@ class VMSpec:
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = 1
     accel: str = "auto"
+    #: None: the supermachine kernel if built, else Debian's; "supermachine" or "debian"
+    #: insist on one; else an absolute path to a kernel file (with ``initrd``)
     kernel: str | None = None
     initrd: str | None = None
     snapshot: bool = True
@@ -330,9 +355,15 @@ class VMSpec:
             raise UsageError(f"cpus must be a whole number from 1 to 64, not {self.cpus!r}")
         if self.accel not in ACCELS:
             raise UsageError(f"unknown accelerator {self.accel!r}: use auto, kvm or tcg")
-        if (_opt_text(self.kernel, "kernel") is None) != \
-                (_opt_text(self.initrd, "initrd") is None):
-            raise UsageError("--kernel and --initrd go together: give both or neither")
+        kernel = _opt_text(self.kernel, "kernel")
+        if kernel in KERNEL_NAMES:
+            if self.initrd is not None:
+                raise UsageError(f"--initrd goes with a kernel file, not --kernel {kernel}")
+        elif kernel is not None and not kernel.startswith("/"):
+            raise UsageError(f"unknown kernel {kernel[:64]!r}: use {' or '.join(KERNEL_NAMES)}"
+                             " or a kernel file's path")
+        elif (kernel is None) != (_opt_text(self.initrd, "initrd") is None):
+            raise UsageError("--kernel FILE and --initrd go together: give both or neither")
         _flag(self.snapshot, "snapshot")
         if self.pull not in PULL_POLICIES:
             raise UsageError(f"unknown pull policy {self.pull!r}: use always, missing or never")
@@ -374,10 +405,20 @@ class VMSpec:
         80}`` or ``["8080:80"]``, paths as `os.PathLike`, ``machine_id="random"``."""
         return cls(image=os.fspath(image), memory_mib=parse_memory(memory),
                    cpus=parse_cpus(cpus), accel=accel or "auto",
-                   kernel=None if kernel is None else os.path.abspath(kernel),
+                   kernel=kernel if kernel is None or kernel in KERNEL_NAMES
+                   else os.path.abspath(kernel),
                    initrd=None if initrd is None else os.path.abspath(initrd),
                    ports=tuple(_port_text(f) for f in net.parse_ports(ports)),
                    machine_id=parse_machine_id(machine_id), **fields)
+
+    @property
+    def kernel_choice(self) -> str | Any:
+        """What `guest.assets.select_kernel` takes: None, a kernel name, or a `Path`."""
+        if self.kernel is None or self.kernel in KERNEL_NAMES:
+            return self.kernel
+        from pathlib import Path
+
+        return Path(self.kernel)
 
     @property
     def forwards(self) -> tuple[net.PortForward, ...]:

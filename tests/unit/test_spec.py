@@ -141,3 +141,27 @@ def test_hostile_json_gives_a_spec_or_a_usage_error(obj):
         VMSpec.from_json(obj)
     except UsageError as e:
         assert str(e) and "\n" not in str(e)
+
+
+def test_env_file_parsing_is_dockers() -> None:
+    from supermachine.spec import parse_env_file
+
+    text = "# c\n\nA=1\n  B=2 \nC\nD\nE=x=y\n"
+    assert parse_env_file(text, {"C": "from host"}) == ("A=1", "B=2 ", "C=from host", "E=x=y")
+    for bad in ("=novalue\n", "B C=1\n", "B =1\n"):
+        with pytest.raises(UsageError, match="line 1: invalid variable name"):
+            parse_env_file(bad)
+
+
+@given(st.text(max_size=300))
+def test_env_file_never_crashes(text: str) -> None:
+    from supermachine.spec import parse_env_file
+
+    try:
+        items = parse_env_file(text, {})
+    except UsageError as e:
+        assert "\n" not in str(e)
+        return
+    for item in items:
+        key, sep, _ = item.partition("=")
+        assert key and sep and not any(c.isspace() for c in key)

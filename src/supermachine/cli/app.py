@@ -10,11 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import Error
-from . import images, run, snapshots, vms
+from . import images, kernel, run, snapshots, vms
 from .common import PROG
 from .interrupts import INTERRUPTS
 
-GROUPS = (run, images, vms, snapshots)  # their commands, in the order `--help` lists them
+GROUPS = (run, images, vms, snapshots, kernel)  # their commands, in the order `--help` lists them
 
 
 def _help_width() -> int:

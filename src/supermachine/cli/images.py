@@ -92,6 +92,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..engine import default_engine
+    from ..guest import kbuild
     from ..guest.kernel import prune_stale_layouts
     from ..images import store
     from ..images.progress import human_size
@@ -102,6 +103,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = store.prune(home)
     snapshots = prune_auto(home, default_engine().identity(), bake_version())
     prune_stale_layouts(home)
+    kbuild.prune(home)  # kernels built for other configs or toolchains
     print(f"Deleted {result.blobs_removed} blobs and {len(snapshots)} stale automatic "
           f"snapshots, reclaimed {human_size(result.bytes_freed)} of blobs")
     return 0

@@ -32,6 +32,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     # Defaults are the spec's (spec.py): None here means "not given".
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VALUE]",
                    help="set an environment variable (KEY alone copies it from here)")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="read environment variables from FILE (docker's format: KEY=VALUE "
+                        "lines, # comments; -e wins over it)")
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the VM")
     p.add_argument("-u", "--user", metavar="USER", help="user[:group] or uid[:gid] to run as")
     p.add_argument("--entrypoint", metavar="CMD", help="override the image's entrypoint")
@@ -44,13 +47,21 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--detach", action="store_true",
                    help="run in the background and print the VM's name")
     p.add_argument("--name", metavar="NAME", help="name of a detached VM (default: generated)")
+    p.add_argument("--rm", action="store_true",
+                   help="remove the VM when it exits (attached VMs always are; with -d its "
+                        "record goes too)")
+    p.add_argument("--init", action="store_true",
+                   help="accepted for docker compatibility: the VM's own init (PID 1) already "
+                        "reaps zombies and forwards signals to the workload")
     p.add_argument("--log-max-size", metavar="SIZE",
                    help="a detached VM's output log is rotated at SIZE, keeping one older "
                         "file (default 64m)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"],
                    help="accelerator (default: hardware KVM when usable, else TCG)")
-    p.add_argument("--kernel", metavar="PATH", help="guest kernel to boot instead of the default")
-    p.add_argument("--initrd", metavar="PATH", help="initramfs to use with --kernel")
+    p.add_argument("--kernel", metavar="supermachine|debian|PATH",
+                   help="guest kernel: the supermachine kernel (the default once `supermachine "
+                        "kernel build` has run), Debian's cloud kernel, or a kernel file")
+    p.add_argument("--initrd", metavar="PATH", help="initramfs to use with --kernel PATH")
     p.add_argument("--pull", choices=["always", "missing", "never"],
                    help="pull a registry image before running (default: missing)")
     p.add_argument("--no-snapshot", action="store_true",
@@ -91,9 +102,10 @@ def specs(args: argparse.Namespace):
         allow_host_loopback=args.allow_host_loopback,
         **{k: v for k, v in given.items() if v is not None})
     stdin = args.interactive or (not args.tty and _stdin_piped())
+    env = [item for path in args.env_file for item in _env_file(path)]
     work = WorkloadSpec(
         entrypoint=None if args.entrypoint is None else (args.entrypoint,),
-        cmd=tuple(args.cmd), env=env_items(args.env, os.environ), workdir=args.workdir,
+        cmd=tuple(args.cmd), env=(*env, *env_items(args.env, os.environ)), workdir=args.workdir,
         user=args.user, stdin=stdin, tty=args.tty)
     return vm, work
 
@@ -110,7 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cap = logfile.parse_size(args.log_max_size) if args.log_max_size else \
             logfile.DEFAULT_MAX_BYTES
         print(launch(home_of(args), validate_name(args.name) if args.name else None,
-                     vm_spec, work, verbose=args.verbose or args.debug, log_max_bytes=cap))
+                     vm_spec, work, verbose=args.verbose or args.debug, log_max_bytes=cap,
+                     remove=args.rm))
         return 0
     from ..runtime.vm import VM
 
@@ -128,6 +141,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 terminal.raw_mode(0):
             status = terminal.pump(proc, stdin_fd=0 if work.stdin else None, tty_fd=0)
     return report_exit(status)
+
+
+def _env_file(path: str) -> tuple[str, ...]:
+    from ..spec import MAX_ENV_FILE, parse_env_file
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ENV_FILE + 1)
+    except OSError as e:
+        raise UsageError(f"--env-file {path}: {e.strerror}") from None
+    return parse_env_file(data.decode("utf-8", "replace"), os.environ, f"--env-file {path}")
 
 
 def _stdin_piped() -> bool:

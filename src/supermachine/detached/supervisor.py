@@ -63,13 +63,15 @@ SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace peri
 # ---- CLI side ---------------------------------------------------------------------------
 
 def launch(home: Home, name: str | None, spec: VMSpec, workload: WorkloadSpec, *,
-           verbose: bool = False, log_max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+           verbose: bool = False, log_max_bytes: int = DEFAULT_MAX_BYTES,
+           remove: bool = False) -> str:
     """Start a detached VM; returns its name once it runs, raises with the boot error.
 
     The VM and its workload travel to the supervisor as their specs, in state.json; its
-    output log is capped at ``log_max_bytes`` (twice that on disk, see logfile.py)."""
+    output log is capped at ``log_max_bytes`` (twice that on disk, see logfile.py).
+    ``remove``: the VM's directory (record, log) goes when it exits (`run --rm -d`)."""
     options = {"vm": spec.to_json(), "workload": workload.to_json(), "verbose": verbose,
-               "log_max_bytes": log_max_bytes}
+               "log_max_bytes": log_max_bytes, "remove": remove}
     d = detached.create(home, name)
     try:
         lock_fd = os.open(d.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -190,6 +192,8 @@ class Supervisor:
         if self._signalled and not self._workload_done.is_set():
             self._stop(SIGNAL_STOP_GRACE)  # like `stop`: the workload may clean up
         self._teardown()
+        if self._opts.get("remove") is True:  # run --rm -d
+            _rmtree_quiet(self.d)
         return 0
 
     def _on_signal(self, _signo: int, _frame: object) -> None:

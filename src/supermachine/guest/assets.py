@@ -1,6 +1,7 @@
 """Everything a VM boots from: kernel, initramfs, kernel command line, and their fingerprint.
 
-``ensure_guest_assets`` is the one entry point: it fetches (or takes) the kernel, builds the
+``ensure_guest_assets`` is the one entry point: it picks the kernel (the supermachine kernel
+built by `kbuild` when there is one, else Debian's cloud kernel, or one the user names), builds the
 initramfs for it once (cached under ``home.guest`` by kernel, init binary, module list and
 a digest of the initramfs writer's code) and returns a ``GuestAssets``. Its ``fingerprint``
 changes whenever anything that shapes the booted guest changes, so snapshots can be matched
@@ -18,7 +19,7 @@ from pathlib import Path
 from ..codeversion import code_version
 from ..errors import GuestError
 from ..home import Home, atomic_write_bytes, file_lock
-from . import initramfs
+from . import initramfs, kbuild
 from .kernel import GUEST_MODULES, OPTIONAL_MODULES, Kernel, fetch_kernel, kernel_from_path
 from .vmlinux import ensure_vmlinux
 
@@ -85,6 +86,40 @@ class GuestAssets:
     kernel_version: str
     cmdline: tuple[str, ...]
     fingerprint: str
+    #: which kernel: "supermachine" (built from source), "debian" (the cloud kernel) or
+    #: "custom" (a path the user gave)
+    kind: str = "custom"
+    #: a line for the user about the choice (the fallback to Debian's kernel), or None
+    note: str | None = None
+
+
+NOT_BUILT = (f"the {kbuild.NAME} kernel is not built (`supermachine kernel build`, which "
+             "install.sh runs); using Debian's cloud kernel")
+
+
+def select_kernel(home: Home, kernel: Path | str | None,
+                  modules: Path | None = None) -> tuple[Kernel, Path, str, str | None]:
+    """The kernel to boot, the file QEMU loads, its kind and a note for the user.
+
+    ``kernel``: None picks the supermachine kernel when it is built and Debian's otherwise
+    (saying so); "supermachine" or "debian" insist on one; a path is the user's own.
+    """
+    if isinstance(kernel, Path):
+        kern = kernel_from_path(kernel, modules)
+        return kern, kern.vmlinuz, "custom", None
+    note = None
+    if kernel != kbuild.DEBIAN:
+        built = kbuild.built_kernel(home)
+        if built is not None:
+            return Kernel(built.path, built.version, built.sha256, None), built.path, \
+                kbuild.NAME, None
+        if kernel == kbuild.NAME:
+            raise GuestError(f"the {kbuild.NAME} kernel is not built; build it with "
+                             "`supermachine kernel build` (install.sh does)")
+        note = NOT_BUILT
+    kern = fetch_kernel(home)
+    # Boot uncompressed when we can: no decompressor to emulate.
+    return kern, ensure_vmlinux(kern.vmlinuz) or kern.vmlinuz, kbuild.DEBIAN, note
 
 
 def init_binary() -> Path:
@@ -174,7 +209,7 @@ def _generated_initrd(
 def ensure_guest_assets(
     home: Home,
     *,
-    kernel: Path | None = None,
+    kernel: Path | str | None = None,
     initrd: Path | None = None,
     modules: Path | None = None,
     init: Path | None = None,
@@ -183,15 +218,13 @@ def ensure_guest_assets(
 ) -> GuestAssets:
     """Kernel, initramfs and command line to boot a guest, fetched/built once and cached.
 
-    ``kernel``: a vmlinuz to use instead of Debian's cloud kernel, with its ``modules`` dir
-    (``lib/modules/<version>``, holding modules.dep) unless its drivers are built in.
+    ``kernel``: see `select_kernel`; a path is a vmlinuz (or vmlinux) of the user's, with its
+    ``modules`` dir (``lib/modules/<version>``, holding modules.dep) unless its drivers are
+    built in.
     ``initrd``: a ready initramfs; then no init binary or modules are needed.
     ``init``: another guest init binary (default: the package's sm-init).
     """
-    kern = fetch_kernel(home) if kernel is None else kernel_from_path(kernel, modules)
-    # Our own kernel boots uncompressed (no decompression under emulation); a kernel given
-    # with --kernel is booted as given.
-    boot_image = (ensure_vmlinux(kern.vmlinuz) if kernel is None else None) or kern.vmlinuz
+    kern, boot_image, kind, note = select_kernel(home, kernel, modules)
     init_sha = ""
     if initrd is None:
         # Hashed and packed from one read: an init rewritten meanwhile (a reinstall while
@@ -210,4 +243,5 @@ def ensure_guest_assets(
     for part in ("supermachine-guest-v1", kern.sha256, boot_image.name, initrd_sha, init_sha,
                  *cmdline):
         fp.update(part.encode() + b"\0")
-    return GuestAssets(boot_image, initrd_path, kern.version, cmdline, fp.hexdigest())
+    return GuestAssets(boot_image, initrd_path, kern.version, cmdline, fp.hexdigest(), kind,
+                       note)

@@ -28,6 +28,7 @@ written; so the fast path (later runs) is one small read and one stat, with no a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -271,20 +272,30 @@ def resolve_package(meta: str = DEFAULT_PACKAGE) -> _Candidate:
     if m:  # a metapackage; a versioned package name is also accepted as-is
         target = m.group(1) + (f"={m.group(2)}" if m.group(2) else "")
         show = _fields(_run(["apt-cache", "show", "--no-all-versions", target]))
+    cand = _candidate(show, target)
+    release = cand.package.removeprefix("linux-image-")
+    if not _VERSION_RE.match(release) or release == cand.package:
+        raise GuestError(f"{cand.package} is not a linux-image package; {_HINT}")
+    return dataclasses.replace(cand, release=release)
+
+
+def apt_package(name: str) -> _Candidate:
+    """The version of package ``name`` apt would install now (``release`` left empty)."""
+    return _candidate(_fields(_run(["apt-cache", "show", "--no-all-versions", name])), name)
+
+
+def _candidate(show: dict[str, str], target: str) -> _Candidate:
     name, version, sha = show.get("Package", ""), show.get("Version", ""), show.get("SHA256", "")
     if not (_PKG_RE.match(name) and _VERSION_RE.match(version) and _SHA_RE.match(sha)):
         raise GuestError(f"apt-cache show {target} gave no package/version/SHA256; {_HINT}")
-    release = name.removeprefix("linux-image-")
-    if not _VERSION_RE.match(release) or release == name:
-        raise GuestError(f"{name} is not a linux-image package; {_HINT}")
     try:
         size = int(show.get("Size", "0"))
     except ValueError:
         size = 0
-    return _Candidate(name, version, sha, size, release)
+    return _Candidate(name, version, sha, size, "")
 
 
-def _download(cand: _Candidate, downloads: Path) -> Path:
+def download(cand: _Candidate, downloads: Path) -> Path:
     """The package's .deb in ``downloads``: the kept one if its SHA256 is apt's, else fetched."""
     kept = downloads / f"{cand.package}_{cand.version}.deb"
     # Checked before locking too: a user who may only read a shared ``downloads`` (an
@@ -452,7 +463,7 @@ def fetch_kernel(home: Home, package: str = DEFAULT_PACKAGE, *, refresh: bool = 
                 shutil.rmtree(final)
             with tempfile.TemporaryDirectory(dir=home.tmp, prefix="kernel-fetch-") as tmp:
                 unpacked = Path(tmp) / "root"
-                deb = _download(cand, home.downloads)
+                deb = download(cand, home.downloads)
                 stage = Path(tempfile.mkdtemp(dir=home.guest, prefix=f".tmp-{final.name}-"))
                 try:
                     _assemble(cand, deb, unpacked, stage, final.name)

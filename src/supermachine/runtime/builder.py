@@ -87,7 +87,9 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
                        insecure_registries=spec.insecure_registries, ca_file=spec.ca_file,
                        progress=progress)
     rootfs = ensure_rootfs(image, home)
-    assets = ensure_guest_assets(home, kernel=_path(spec.kernel), initrd=_path(spec.initrd))
+    assets = ensure_guest_assets(home, kernel=spec.kernel_choice, initrd=_path(spec.initrd))
+    if assets.note:
+        notice(assets.note)
     accel = choose(None if spec.accel == "auto" else spec.accel)
     if not accel.hardware:
         notice(accel.reason)

@@ -19,7 +19,7 @@ def test_version_prints_and_exits_0():
 
 
 @pytest.mark.parametrize("argv", [
-    ["run", "--init", "/x", "/y", "IMAGE"],   # once silently taken as --initrd
+    ["run", "--initr", "/y", "IMAGE"],        # --initrd (`--init` is a flag of its own)
     ["run", "--no-snap", "IMAGE"],            # --no-snapshot
     ["pull", "--insecure", "h", "REF"],       # --insecure-registry
     ["ps", "--al"],                           # --all

@@ -157,12 +157,13 @@ def test_real_assets_with_fetched_kernel(state_home: Path, tmp_path: Path,
     init = a.init_binary()  # the real init (test_init_binary_is_built says why it is there)
     assert shutil.which("lz4"), "lz4 is missing (install.sh installs it): the cloud kernel " \
         "could only be booted compressed"
-    got = a.ensure_guest_assets(home, init=init)
-    # Our own kernel is booted uncompressed: its vmlinux is extracted next to the vmlinuz.
+    got = a.ensure_guest_assets(home, kernel="debian", init=init)
+    assert got.kind == "debian" and got.note is None
+    # Debian's kernel is booted uncompressed: its vmlinux is extracted next to the vmlinuz.
     assert got.kernel == kern.vmlinuz.with_name("vmlinux")
     assert got.kernel_version == kern.version
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # cached now: no apt, no tools
-    assert a.ensure_guest_assets(home, init=init) == got
+    assert a.ensure_guest_assets(home, kernel="debian", init=init) == got
     monkeypatch.undo()
     # naming the same kernel and modules explicitly gives the same initramfs and command
     # line; a kernel given explicitly is booted as given

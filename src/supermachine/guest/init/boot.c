@@ -231,6 +231,19 @@ static void populate_newroot(void)
 		fatal("symlink /dev/ptmx: %s", strerror(errno));
 	mkdir_or_fatal(NEWROOT "/dev/shm", 01777);
 	mount_or_fatal("shm", NEWROOT "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	/* What docker mounts too: POSIX message queues, and cgroup v2 (read-write: the VM is the
+	 * container's whole machine, and systemd-based images manage their own cgroups). A kernel
+	 * without them still boots; the workload then sees what it would see on such a host. */
+	static const char *const optional[][3] = {{"mqueue", "/dev/mqueue", "mqueue"},
+						  {"cgroup2", "/sys/fs/cgroup", "cgroup2"}};
+	for (size_t i = 0; i < 2; i++) {
+		char dst[64];
+		snprintf(dst, sizeof(dst), NEWROOT "%s", optional[i][1]);
+		if ((mkdir(dst, 0755) < 0 && errno != EEXIST) ||
+		    mount(optional[i][0], dst, optional[i][2], MS_NOSUID | MS_NODEV | MS_NOEXEC,
+			  NULL) < 0)
+			dprintf(2, "sm-init: mount %s: %s\n", optional[i][1], strerror(errno));
+	}
 	/* Conveniences every container runtime provides; failures are harmless. */
 	static const char *const links[][2] = {{"/proc/self/fd", "fd"},
 					       {"/proc/self/fd/0", "stdin"},
