@@ -19,7 +19,9 @@ from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 INIT_DIR = Path(__file__).resolve().parent / "src" / "supermachine" / "guest" / "init"
-NETGUARD = Path(__file__).resolve().parent / "src" / "supermachine" / "engine" / "netguard.c"
+ENGINE_DIR = Path(__file__).resolve().parent / "src" / "supermachine" / "engine"
+#: LD_PRELOAD guards the engine runs its helpers with (engine/preload.py)
+GUARDS = ("netguard", "fsguard")
 
 
 def build_guest_init() -> None:
@@ -37,34 +39,34 @@ def build_guest_init() -> None:
         raise SystemExit(f"supermachine: building the guest init failed (make -C {INIT_DIR})")
 
 
-def build_netguard() -> None:
-    """The egress guard passt runs with (engine/netguard.c), so VMs need no compiler.
-
-    Named by its source's hash, as engine/netguard.py looks for it; when the source changes
-    later (an editable install), the library builds a fresh one into the cache instead.
-    """
-    if not NETGUARD.is_file():
-        return
+def build_guards() -> None:
+    """The LD_PRELOAD guards passt and QEMU run with (engine/*guard.c), so VMs need no
+    compiler. Named by their source's hash, as engine/preload.py looks for them; when a source
+    changes later (an editable install), the library builds a fresh one into the cache."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("supermachine: a C compiler is needed to build engine/netguard.c")
-    key = hashlib.sha256(NETGUARD.read_bytes()).hexdigest()[:16]
-    out = NETGUARD.with_name(f"netguard-{key}.so")
-    for old in NETGUARD.parent.glob("netguard-*.so"):
-        if old != out:
-            old.unlink()
-    if out.is_file():
-        return
-    proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(out),
-                           str(NETGUARD), "-ldl"])
-    if proc.returncode != 0:
-        raise SystemExit(f"supermachine: building {NETGUARD} failed")
+    for name in GUARDS:
+        src = ENGINE_DIR / f"{name}.c"
+        if not src.is_file():
+            continue
+        if cc is None:
+            raise SystemExit(f"supermachine: a C compiler is needed to build {src}")
+        key = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+        out = src.with_name(f"{name}-{key}.so")
+        for old in src.parent.glob(f"{name}-*.so"):
+            if old != out:
+                old.unlink()
+        if out.is_file():
+            continue
+        proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o",
+                               str(out), str(src), "-ldl"])
+        if proc.returncode != 0:
+            raise SystemExit(f"supermachine: building {src} failed")
 
 
 class BuildPyWithInit(build_py):
     def run(self) -> None:
         build_guest_init()
-        build_netguard()
+        build_guards()
         super().run()
 
 
@@ -73,7 +75,7 @@ class SdistWithoutBinary(sdist):
 
     def make_release_tree(self, base_dir: str, files: list[str]) -> None:
         kept = [f for f in files if Path(f).as_posix() != "src/supermachine/guest/init/sm-init"
-                and not Path(f).name.startswith("netguard-")]
+                and not Path(f).name.startswith(("netguard-", "fsguard-"))]
         super().make_release_tree(base_dir, kept)
 
 

@@ -407,3 +407,30 @@ def bench_kernel(r: dict[str, Any]) -> list[Table]:
                   ["disk used at peak by the build", mib(b["disk_peak_bytes"])],
                   ["vmlinux kept", mib(b["vmlinux_bytes"])]]),
     ]
+
+
+def bench_volumes(r: dict[str, Any]) -> list[Table]:
+    io = r["io"]
+
+    def rate(v: float) -> str:
+        return f"{v:,.0f}"
+
+    rows = []
+    for place, m in io.items():
+        rows.append([place, f"{m['write_mbps']['median']:.1f}", f"{m['read_mbps']['median']:.1f}",
+                     rate(m["small_files_per_s"]["median"]), fmt_s(m["tar_x_s"]["median"])])
+    rs = r["restore_to_first_exec"]
+    return [
+        Table(f"file I/O, busybox, medians of {r['reps']} (sequential {r['seq_mib']} MiB; "
+              f"{r['small_files']:,} small files created and listed; tar x of {r['tree']})",
+              ["where", "write MB/s", "read MB/s", "small files/s", "tar x"], rows,
+              ["`host` runs the same script with the host's busybox: the floor."]),
+        Table(f"restore -> first exec result, interleaved (target ratio <= "
+              f"{r['target_ratio']:g}x)", ["mounts", "n", "p50", "p99", "ratio (p50)"], [
+                  ["none", str(rs["no_mounts"]["n"]), fmt_s(rs["no_mounts"]["median"]),
+                   fmt_s(rs["no_mounts"]["p99"]), fmt_x(1.0)],
+                  ["two host directories", str(rs["two_host_directories"]["n"]),
+                   fmt_s(rs["two_host_directories"]["median"]),
+                   fmt_s(rs["two_host_directories"]["p99"]),
+                   fmt_x(r["ratio_two_mounts_over_none"])]]),
+    ]

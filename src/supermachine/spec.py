@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -311,6 +313,172 @@ def parse_env_file(text: str, caller_env: Mapping[str, str] | None = None,
     return env_items(items, caller_env)
 
 
+# ---- mounts (volumes) -------------------------------------------------------------------------
+
+MOUNT_TYPES = ("bind", "volume", "tmpfs")
+MAX_MOUNTS = 32
+#: host directories and named volumes a VM can have at once: one virtio-9p device each,
+#: present in every machine (see engine/base.py `Share`)
+MAX_SHARES = 4
+_VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount in the VM: a host path (``bind``), a named volume (``volume``) or a tmpfs,
+    at ``target`` (an absolute guest path). ``size``: a tmpfs's size in bytes (0: the
+    kernel's default, half the guest's RAM)."""
+
+    type: str
+    target: str
+    source: str | None = None
+    readonly: bool = False
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.type not in MOUNT_TYPES:
+            raise UsageError(f"unknown mount type {str(self.type)[:32]!r}: use bind, volume "
+                             "or tmpfs")
+        target = _text(self.target, "mount target")
+        if not target.startswith("/"):
+            raise UsageError(f"mount target {target[:64]!r} must be an absolute path")
+        norm = posixpath.normpath(target)
+        if norm.startswith("//"):
+            norm = norm[1:]
+        if norm == "/":
+            raise UsageError("a mount cannot replace the root directory")
+        object.__setattr__(self, "target", norm)
+        _flag(self.readonly, "readonly")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or \
+                not 0 <= self.size <= 1 << 50:
+            raise UsageError("a tmpfs size must be a number of bytes")
+        if self.type == "tmpfs":
+            if self.source is not None:
+                raise UsageError("a tmpfs mount has no source")
+            return
+        if self.size:
+            raise UsageError("only tmpfs mounts take a size")
+        source = _text(self.source, f"{self.type} mount source")
+        if self.type == "bind" and not source.startswith("/"):
+            raise UsageError(f"bind mount source {source[:64]!r} must be an absolute path")
+        if self.type == "volume" and not _VOLUME_NAME.match(source):
+            raise UsageError(f"invalid volume name {source[:64]!r}: use letters, digits, "
+                             "_ . - (at most 128, starting with a letter or digit)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "target": self.target, "source": self.source,
+                "readonly": self.readonly, "size": self.size}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Mount:
+        return cls(**_fields(cls, obj, "mount"))
+
+
+def parse_volume(text: str, cwd: str | None = None) -> Mount:
+    """docker's ``-v SRC:DST[:OPTS]``: SRC absolute or starting with ``.`` is a host path
+    (made absolute against ``cwd``), anything else a volume name; OPTS ``ro``/``rw``."""
+    parts = text.split(":")
+    if len(parts) == 1:
+        raise UsageError(f"invalid volume {text[:64]!r}: anonymous volumes are not "
+                         "supported; use SRC:DST")
+    if len(parts) > 3:
+        raise UsageError(f"invalid volume {text[:64]!r}: use SRC:DST[:ro|rw]")
+    src, dst = parts[0], parts[1]
+    opts = parts[2].split(",") if len(parts) == 3 else []
+    readonly = False
+    for opt in opts:
+        if opt in ("ro", "readonly"):
+            readonly = True
+        elif opt == "rw":
+            readonly = False
+        elif opt in ("z", "Z", "rprivate", "private", "rshared", "shared", "rslave",
+                     "slave", "nocopy", "consistent", "cached", "delegated"):
+            continue  # docker options that mean nothing for a VM's share
+        else:
+            raise UsageError(f"invalid volume option {opt[:32]!r} in {text[:64]!r}")
+    if not src:
+        raise UsageError(f"invalid volume {text[:64]!r}: empty source")
+    if src.startswith(("/", ".")) or src == "~" or src.startswith("~/"):
+        host = os.path.abspath(os.path.join(cwd or os.getcwd(), os.path.expanduser(src)))
+        return Mount("bind", dst, host, readonly)
+    return Mount("volume", dst, src, readonly)
+
+
+def parse_mount_flag(text: str, cwd: str | None = None) -> Mount:
+    """docker's ``--mount type=...,source=...,target=...[,readonly][,tmpfs-size=N]``."""
+    fields: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if key in ("readonly", "ro") and not sep:
+            value = "true"
+        elif not sep:
+            raise UsageError(f"invalid --mount field {item[:32]!r}: expected KEY=VALUE")
+        if key in fields:
+            raise UsageError(f"--mount field {key!r} given twice")
+        fields[key] = value
+    kind = fields.pop("type", "volume")
+    source = fields.pop("source", None) or fields.pop("src", None)
+    target = fields.pop("target", None) or fields.pop("destination", None) or \
+        fields.pop("dst", None)
+    if target is None:
+        raise UsageError("--mount needs target=PATH")
+    ro_text = fields.pop("readonly", None) or fields.pop("ro", None)
+    readonly = ro_text is not None and ro_text.lower() in ("true", "1", "yes", "")
+    if ro_text is not None and ro_text.lower() not in ("true", "1", "yes", "false", "0",
+                                                       "no", ""):
+        raise UsageError(f"invalid --mount readonly value {ro_text[:16]!r}")
+    size = 0
+    if "tmpfs-size" in fields:
+        size = parse_size_bytes(fields.pop("tmpfs-size"))
+    if fields:
+        raise UsageError(f"unsupported --mount field(s): {', '.join(sorted(fields))[:64]}")
+    if kind == "bind" and source is not None and not source.startswith("/"):
+        source = os.path.abspath(os.path.join(cwd or os.getcwd(), source))
+    if kind in ("bind", "volume") and source is None:
+        raise UsageError(f"--mount type={kind} needs source=...")
+    return Mount(kind, target, source, readonly, size)
+
+
+def parse_tmpfs(text: str) -> Mount:
+    """docker's ``--tmpfs PATH[:OPTS]`` (OPTS: size=N, ro, rw; others ignored)."""
+    path, _, opts = text.partition(":")
+    size, readonly = 0, False
+    for opt in filter(None, opts.split(",")):
+        key, _, value = opt.partition("=")
+        if key == "size":
+            size = parse_size_bytes(value)
+        elif key == "ro":
+            readonly = True
+    return Mount("tmpfs", path, None, readonly, size)
+
+
+def parse_size_bytes(text: str) -> int:
+    s = text.strip().lower().removesuffix("b")
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        n = int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(s)
+    except (ValueError, KeyError):
+        raise UsageError(f"invalid size {text[:32]!r}: use e.g. 64m or 1g") from None
+    if n <= 0:
+        raise UsageError(f"invalid size {text[:32]!r}: must be positive")
+    return n
+
+
+def check_mounts(mounts: Sequence[Mount]) -> None:
+    if len(mounts) > MAX_MOUNTS:
+        raise UsageError(f"too many mounts (at most {MAX_MOUNTS})")
+    seen: set[str] = set()
+    for m in mounts:
+        if m.target in seen:
+            raise UsageError(f"duplicate mount target {m.target[:64]!r}")
+        seen.add(m.target)
+    shares = sum(1 for m in mounts if m.type != "tmpfs")
+    if shares > MAX_SHARES:
+        raise UsageError(f"too many host directories and volumes ({shares}): a VM has "
+                         f"{MAX_SHARES}")
+
+
 def _port_text(forward: net.PortForward) -> str:
     return f"{forward.host_ip}:{forward.host_port}:{forward.guest_port}/{forward.proto}"
 
@@ -342,8 +510,10 @@ class VMSpec:
     hostname: str | None = None
     #: None: the image's own; True: a fresh one per VM; else 32 hex digits
     machine_id: str | bool | None = None
-    #: host directories and volumes (reserved: none are supported yet)
-    mounts: tuple[Any, ...] = ()
+    #: host directories, named volumes and tmpfs mounts (`Mount`)
+    mounts: tuple[Mount, ...] = ()
+    #: the image's root filesystem read-only (mounts stay as they are)
+    read_only: bool = False
 
     def __post_init__(self) -> None:
         _text(self.image, "image")
@@ -392,18 +562,34 @@ class VMSpec:
         elif mid is not None and not isinstance(mid, bool):
             raise UsageError("machine_id must be 32 hex digits, 'random', true or null")
         object.__setattr__(self, "machine_id", mid or None)
-        if self.mounts:
-            raise UsageError("mounts are not supported yet")
+        mounts = self.mounts
+        if isinstance(mounts, str) or not isinstance(mounts, Sequence):
+            raise UsageError("mounts must be a list")
+        if len(mounts) > MAX_MOUNTS:
+            raise UsageError(f"too many mounts (at most {MAX_MOUNTS})")
+        mounts = tuple(m if isinstance(m, Mount) else Mount.from_json(m) for m in mounts)
+        check_mounts(mounts)
+        object.__setattr__(self, "mounts", mounts)
+        _flag(self.read_only, "read_only")
 
     @classmethod
     def create(cls, image: str | Any, *, memory: str | int = DEFAULT_MEMORY,
                cpus: int | str | float = 1, accel: str | None = None,
                kernel: Any = None, initrd: Any = None,
                ports: Mapping[int | str, int] | Sequence[str | int] | None = None,
-               machine_id: str | bool | None = None, **fields: Any) -> VMSpec:
+               machine_id: str | bool | None = None,
+               volumes: Sequence[str | Mount] | Mapping[str, str] = (),
+               tmpfs: Sequence[str] = (), **fields: Any) -> VMSpec:
         """A spec from what people write: ``memory="1G"``, ``cpus="2"``, ``ports={8080:
-        80}`` or ``["8080:80"]``, paths as `os.PathLike`, ``machine_id="random"``."""
-        return cls(image=os.fspath(image), memory_mib=parse_memory(memory),
+        80}`` or ``["8080:80"]``, paths as `os.PathLike`, ``machine_id="random"``,
+        ``volumes=["./src:/work", "cache:/root/.cache:ro"]`` (docker's ``-v``; or a
+        ``{host_or_name: guest_path}`` mapping, or `Mount`s), ``tmpfs=["/tmp:size=64m"]``."""
+        if isinstance(volumes, Mapping):
+            volumes = [f"{src}:{dst}" for src, dst in volumes.items()]
+        mounts = (*fields.pop("mounts", ()),
+                  *(v if isinstance(v, Mount) else parse_volume(os.fspath(v)) for v in volumes),
+                  *(parse_tmpfs(t) for t in tmpfs))
+        return cls(image=os.fspath(image), memory_mib=parse_memory(memory), mounts=mounts,
                    cpus=parse_cpus(cpus), accel=accel or "auto",
                    kernel=kernel if kernel is None or kernel in KERNEL_NAMES
                    else os.path.abspath(kernel),
@@ -439,6 +625,7 @@ class VMSpec:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["mounts"] = [m.to_json() for m in self.mounts]
         return out
 
     @classmethod

@@ -49,7 +49,9 @@ def test_create_normalises_what_people_write(tmp_path):
     ({"hostname": "x" * 65}, "invalid hostname"),
     ({"machine_id": "xyz"}, "invalid machine id"),
     ({"machine_id": 5}, "machine_id"),
-    ({"mounts": ({"source": "/"},)}, "not supported"),
+    ({"mounts": ({"source": "/"},)}, "missing field"),
+    ({"mounts": "x"}, "must be a list"),
+    ({"mounts": ({"type": "bind", "target": "/x", "source": "rel"},)}, "absolute"),
     ({"snapshot": "yes"}, "true or false"),
     ({"insecure_registries": "host"}, "list of strings"),
 ])
@@ -165,3 +167,55 @@ def test_env_file_never_crashes(text: str) -> None:
     for item in items:
         key, sep, _ = item.partition("=")
         assert key and sep and not any(c.isspace() for c in key)
+
+
+def test_volume_flags_follow_docker() -> None:
+    from supermachine.spec import Mount, parse_mount_flag, parse_tmpfs, parse_volume
+
+    assert parse_volume("/srv/data:/data:ro") == Mount("bind", "/data", "/srv/data", True)
+    assert parse_volume("./src:/work", cwd="/home/u") == Mount("bind", "/work", "/home/u/src")
+    assert parse_volume("cache:/c") == Mount("volume", "/c", "cache")
+    assert parse_volume("/a:/b/../c/:rw,z").target == "/c"
+    assert parse_mount_flag("type=bind,src=/x,dst=/y,readonly") == \
+        Mount("bind", "/y", "/x", True)
+    assert parse_mount_flag("type=tmpfs,target=/t,tmpfs-size=1m") == \
+        Mount("tmpfs", "/t", None, False, 1 << 20)
+    assert parse_tmpfs("/run:size=64m,noexec") == Mount("tmpfs", "/run", None, False, 64 << 20)
+    for bad, words in (("/x", "anonymous volumes"), ("/a:/b:/c:ro", "use SRC:DST"),
+                       ("/a:rel", "absolute path"), ("bad name:/x", "invalid volume name"),
+                       ("/a:/b:rx", "invalid volume option"), (":/x", "empty source")):
+        with pytest.raises(UsageError, match=words):
+            parse_volume(bad)
+    for bad, words in (("type=bind,target=/x", "needs source"), ("source=/x", "needs target"),
+                       ("type=bind,source=/x,target=/y,foo=1", "unsupported --mount field"),
+                       ("type=tmpfs,target=/x,tmpfs-size=0", "must be positive"),
+                       ("type=bind,source=/x,target=/y,readonly=maybe", "readonly value")):
+        with pytest.raises(UsageError, match=words):
+            parse_mount_flag(bad)
+
+
+def test_mounts_in_the_spec_round_trip_and_are_checked() -> None:
+    spec = VMSpec.create("img", volumes=["/a:/x", "name:/y:ro"], tmpfs=["/t:size=1k"],
+                         read_only=True)
+    assert VMSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    with pytest.raises(UsageError, match="duplicate mount target"):
+        VMSpec.create("img", volumes=["/a:/x"], tmpfs=["/x"])
+    with pytest.raises(UsageError, match="a VM has 4"):
+        VMSpec.create("img", volumes=[f"/h{i}:/g{i}" for i in range(5)])
+    with pytest.raises(UsageError, match="mount: unknown field"):
+        VMSpec.from_json({"image": "i", "mounts": [{"type": "bind", "target": "/x",
+                                                    "source": "/y", "evil": 1}]})
+
+
+@given(st.lists(st.text(max_size=40), max_size=4))
+def test_hostile_mount_text_is_one_line(texts: list[str]) -> None:
+    from supermachine.spec import parse_mount_flag, parse_tmpfs, parse_volume
+
+    for text in texts:
+        for parse in (parse_volume, parse_mount_flag, parse_tmpfs):
+            try:
+                m = parse(text)
+            except UsageError as e:
+                assert "\n" not in str(e)
+            else:
+                assert m.target.startswith("/") and m.target != "/"

@@ -387,6 +387,16 @@ class AgentClient:
 
     # ------------------------------------------------------------------ internals
 
+    def mount(self, source: str, target: str, fstype: str = "", data: str = "", *,
+              flags: int = 0) -> None:
+        """mount(2) in the guest (``flags``: `MountFlag`); raises with the guest's error."""
+        argv = [_b(source), _b(target), _b(fstype), _b(data)]
+        proc = Process(self, self._open(argv, op=Op.MOUNT, mode=int(flags)), label=target)
+        with proc:
+            status = proc.wait()
+        if status.kind != ExitKind.EXITED or status.exit_code != 0:
+            raise GuestFileError(status.error or f"mounting {target} failed", status.errno)
+
     def _open(
         self,
         argv: list[bytes],

@@ -82,6 +82,18 @@ class Op(enum.IntEnum):
     RUN = 0
     READ_FILE = 1
     WRITE_FILE = 2
+    MOUNT = 3
+
+
+class MountFlag(enum.IntFlag):
+    """MODE bits of a MOUNT session."""
+
+    RDONLY = 1
+    MKDIR = 2  # create the target directory and its parents
+    MKFILE = 4  # create the target as an empty file (single-file bind mounts)
+    BIND = 8
+    REMOUNT = 16
+    NOSUID = 32  # nosuid and nodev
 
 
 class SetupTag(enum.IntEnum):

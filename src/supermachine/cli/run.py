@@ -56,6 +56,18 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-max-size", metavar="SIZE",
                    help="a detached VM's output log is rotated at SIZE, keeping one older "
                         "file (default 64m)")
+    p.add_argument("-v", "--volume", action="append", default=[],
+                   metavar="HOST_PATH:GUEST_PATH[:ro|:rw]",
+                   help="share a host directory or file into the VM (a missing host "
+                        "directory is created)")
+    p.add_argument("--mount", action="append", default=[],
+                   metavar="type=bind|tmpfs,source=...,target=...[,readonly]",
+                   help="docker's --mount: a bind mount (the source must exist) or a tmpfs "
+                        "(tmpfs-size=N)")
+    p.add_argument("--tmpfs", action="append", default=[], metavar="PATH[:size=N]",
+                   help="mount a tmpfs at PATH")
+    p.add_argument("--read-only", action="store_true",
+                   help="make the image's root filesystem read-only (mounts stay writable)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"],
                    help="accelerator (default: hardware KVM when usable, else TCG)")
     p.add_argument("--kernel", metavar="supermachine|debian|PATH",
@@ -99,8 +111,8 @@ def specs(args: argparse.Namespace):
         ca_file=args.ca_file and os.path.abspath(args.ca_file), snapshot=not args.no_snapshot,
         hostname=args.hostname, machine_id=args.machine_id, ports=args.publish,
         publish_all=args.publish_all, allow_hosts=tuple(args.allow_host),
-        allow_host_loopback=args.allow_host_loopback,
-        **{k: v for k, v in given.items() if v is not None})
+        allow_host_loopback=args.allow_host_loopback, mounts=_mounts(args),
+        read_only=args.read_only, **{k: v for k, v in given.items() if v is not None})
     stdin = args.interactive or (not args.tty and _stdin_piped())
     env = [item for path in args.env_file for item in _env_file(path)]
     work = WorkloadSpec(
@@ -141,6 +153,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 terminal.raw_mode(0):
             status = terminal.pump(proc, stdin_fd=0 if work.stdin else None, tty_fd=0)
     return report_exit(status)
+
+
+def _mounts(args: argparse.Namespace) -> tuple:
+    """-v, --mount and --tmpfs as `Mount`s. As docker does, a missing host directory of
+    -v is created (as this user), and --mount type=bind with a missing source is an error."""
+    from ..spec import parse_mount_flag, parse_tmpfs, parse_volume
+
+    volumes = [parse_volume(text) for text in args.volume]
+    for m in volumes:
+        if m.type == "bind" and not os.path.lexists(m.source):
+            try:
+                os.makedirs(m.source, 0o755)
+            except OSError as e:
+                raise UsageError(f"cannot create {m.source} for -v: {e.strerror}") from None
+    return (*volumes, *(parse_mount_flag(text) for text in args.mount),
+            *(parse_tmpfs(text) for text in args.tmpfs))
 
 
 def _env_file(path: str) -> tuple[str, ...]:

@@ -17,6 +17,15 @@ from .net import Network
 
 
 @dataclass(frozen=True)
+class Share:
+    """A host directory the guest can mount over 9p by ``tag`` (its virtio-9p device)."""
+
+    tag: str
+    path: Path
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     kernel: Path
     initrd: Path
@@ -42,6 +51,14 @@ class MachineConfig:
     # (engine/netguard.py); a networked machine without them is refused (fail closed).
     netguard: Path | None = None
     netguard_policy: str = ""
+    # Host directories shared into the guest (volumes). Every machine has the same number of
+    # share devices, so a snapshot baked without volumes restores into a machine with them:
+    # unused slots export an empty read-only directory. Only the devices are part of the
+    # machine; which directories they export is not (each launch names its own).
+    shares: tuple[Share, ...] = ()
+    # A machine with shares runs QEMU with this LD_PRELOAD guard (engine/fsguard.c); one
+    # without it is refused (fail closed).
+    fsguard: Path | None = None
 
 
 class Machine(abc.ABC):

@@ -9,49 +9,21 @@ first time, like the guest init at install time).
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import os
-import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 from ..errors import EngineError
-from ..home import atomic_path, file_lock
 from .net import GATEWAY, Network, parse_allow_host
+from .preload import ensure_guard
 
-SOURCE = Path(__file__).resolve().parent / "netguard.c"
 MAX_RESOLVED = 64  # addresses taken from one --allow-host name
 MAX_NAMESERVERS = 3  # what glibc itself uses from resolv.conf
 
 
 def ensure_netguard(cache: Path) -> Path:
     """The compiled guard, built into ``cache`` on first use (keyed by its source)."""
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src).hexdigest()[:16]
-    packaged = SOURCE.with_name(f"netguard-{key}.so")  # built at install time (setup.py)
-    if packaged.is_file():
-        return packaged
-    lib = cache / f"netguard-{key}.so"
-    if lib.is_file():
-        return lib
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise EngineError("building the network guard needs a C compiler (Debian: apt-get "
-                          "install gcc) the first time; or run with --network none")
-    with file_lock(cache / f".netguard-{key}.lock"):
-        if lib.is_file():
-            return lib
-        with atomic_path(lib, suffix=".so") as tmp:
-            proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o",
-                                   str(tmp), str(SOURCE), "-ldl"],
-                                  capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise EngineError(f"building the network guard failed: "
-                                  f"{proc.stderr.strip().splitlines()[-1:]}")
-            os.chmod(tmp, 0o755)
-    return lib
+    return ensure_guard("netguard", cache, "; or run with --network none")
 
 
 def host_nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:

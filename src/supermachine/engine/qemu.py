@@ -39,7 +39,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 #: bump whenever build_command changes the machine's devices or options: snapshots made
 #: with another layout must not be restored (the version is part of their fingerprint)
-MACHINE_LAYOUT = 2
+MACHINE_LAYOUT = 3
 CONSOLE_KEEP = 64 * 1024  # bytes of console output kept for error messages
 
 
@@ -106,6 +106,12 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
         # keeps the MAC it booted with.
         cmd += ["-netdev", f"stream,id=net0,server=on,addr.type=fd,addr.str={net_fd}",
                 "-device", f"virtio-net-device,netdev=net0,mac={net.GUEST_MAC}"]
+    for i, share in enumerate(config.shares):
+        # security_model=none: files are created as this user, with the guest's modes; what
+        # else a root guest could do to the host through it, fsguard.c refuses.
+        cmd += ["-fsdev", f"local,id=fs{i},path={_qemu_opt(str(share.path))},"
+                          f"security_model=none,readonly={'on' if share.readonly else 'off'}",
+                "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share.tag}"]
     if config.memory_file is not None:
         share = "on" if config.memory_shared else "off"
         cmd += ["-object", f"memory-backend-file,id=mem,size={mem},"
@@ -119,6 +125,11 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
         # QEMU 7.2 does not expose migration capabilities as -global properties.
         cmd += ["-incoming", "defer"]
     return cmd
+
+
+def _qemu_opt(value: str) -> str:
+    """A value inside a QEMU ``-opt key=value,...`` list: commas are doubled."""
+    return value.replace(",", ",,")
 
 
 @functools.cache
@@ -308,9 +319,15 @@ class QemuMachine(Machine):
                                 state_fd=state_fd, net_fd=net_fd)
             log.debug("qemu command: %s", shlex.join(cmd))
             fds = [s.fileno() for s in passed] + ([state_fd] if state_fd is not None else [])
+            env = None
+            if config.shares:
+                if config.fsguard is None:
+                    raise EngineError("a machine with shared directories needs its guard; "
+                                      "this is a bug")
+                env = {**os.environ, "LD_PRELOAD": str(config.fsguard)}
             try:
                 self._proc = _spawn(lambda: subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=con_guest.fileno(),
+                    cmd, stdin=subprocess.DEVNULL, stdout=con_guest.fileno(), env=env,
                     stderr=con_guest.fileno(), pass_fds=fds,
                     preexec_fn=functools.partial(_child_setup, os.getpid()),
                 ))

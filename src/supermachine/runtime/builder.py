@@ -21,11 +21,13 @@ from typing import Any
 
 from ..engine import default_engine, net
 from ..engine.base import Engine, MachineConfig
-from ..errors import SnapshotError
+from ..errors import SnapshotError, UsageError
 from ..home import Home
 from ..spec import VMSpec
 from . import snapshot as snapshot_mod
+from . import volumes
 from .snapshot import Snapshot, SnapshotKey
+from .volumes import VolumePlan
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class Recipe:
     key: SnapshotKey  # which snapshots it can restore
     named: Snapshot | None  # the named snapshot it must start from, if any
     image_source: str  # the image reference (for a named snapshot: the one it was made of)
+    volumes: VolumePlan  # shares and the guest's mount steps
 
     @property
     def ports(self) -> tuple[net.PortForward, ...]:
@@ -55,12 +58,13 @@ class Recipe:
                                    incoming_state=snap.state)
 
     def unpublished(self) -> MachineConfig:
-        """The same machine without published ports, for helper machines (bakes, snapshot
-        copies) that must not take the ports of the VM they work for."""
+        """The same machine without published ports or shared directories, for helper
+        machines (bakes, snapshot copies) that must not take the ports of the VM they work
+        for, nor see its files."""
         network = self.config.network
-        if network is None:
-            return self.config
-        return dataclasses.replace(self.config, network=dataclasses.replace(network, ports=()))
+        if network is not None:
+            network = dataclasses.replace(network, ports=())
+        return dataclasses.replace(self.config, network=network, shares=self.volumes.blank)
 
 
 def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
@@ -68,10 +72,12 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
             progress: Any = None) -> Recipe:
     """Resolve ``spec`` into a `Recipe` (may pull an image and build its root filesystem)."""
     from ..engine.accel import choose
+    from ..engine.preload import ensure_guard
     from ..guest.assets import ensure_guest_assets
     from ..images import ensure_rootfs, open_image
 
     t0 = time.monotonic()
+    vols = volumes.plan(spec, home)  # first: a bad mount fails before anything is pulled
     named = None
     source = spec.image
     if source.startswith(SNAPSHOT_PREFIX):
@@ -95,10 +101,14 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
         notice(accel.reason)
     engine = default_engine()
     network, guard = _network(spec, image, engine, home)
+    if vols.uses_shares and assets.kind == "debian":
+        raise UsageError("host directories need the supermachine kernel (Debian's cloud "
+                         "kernel has no 9p); build it with `supermachine kernel build`")
     config = MachineConfig(
         kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline, rootfs=rootfs,
         memory_mib=spec.memory_mib, cpus=spec.cpus, accel=accel.name, verbose=verbose,
-        network=network, **guard)
+        network=network, shares=vols.shares,
+        fsguard=ensure_guard("fsguard", home.guest), **guard)
     key = SnapshotKey(
         guest=assets.fingerprint, image=image.config_digest,
         rootfs=SnapshotKey.rootfs_identity(rootfs), memory_mib=spec.memory_mib,
@@ -111,7 +121,7 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
             f"snapshot {named.name} no longer matches this machine (changed: "
             f"{', '.join(changed)}); make it again from a running VM")
     log.debug("recipe in %.0f ms", (time.monotonic() - t0) * 1000)
-    return Recipe(spec, image, accel, engine, config, key, named, source)
+    return Recipe(spec, image, accel, engine, config, key, named, source, vols)
 
 
 def _path(text: str | None) -> Path | None:

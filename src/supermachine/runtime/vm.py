@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from ..errors import AgentError, Error, SnapshotError, UsageError, VMError
 from ..home import Home
 from ..spec import VMSpec, WorkloadSpec, env_items, random_machine_id
 from . import bake as bake_mod
-from . import builder
+from . import builder, volumes
 from . import snapshot as snapshot_mod
 from .threads import ThreadGroup
 
@@ -135,6 +136,12 @@ class VM:
         t0 = time.monotonic()
         recipe = self.recipe = builder.prepare(self.spec, self.home, verbose=self._verbose,
                                                notice=self._notice, progress=self._progress)
+        if recipe.volumes.files:  # single host files: linked into directories of this VM's
+            tmp = volumes.staging_dir(self.home)
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+            shares = volumes.stage_files(recipe.volumes, tmp)
+            recipe = self.recipe = dataclasses.replace(
+                recipe, config=dataclasses.replace(recipe.config, shares=shares))
         self.ports = recipe.ports
         snap = recipe.named
         if snap is None and recipe.spec.snapshot:
@@ -202,8 +209,9 @@ class VM:
     def _launch(self, config, *, personal: bool = True):
         """Start a machine and wait for its guest agent's HELLO; failures name the cause.
 
-        ``personal`` applies this VM's hostname and machine id; a bake leaves them out, so
-        the shared snapshot keeps the boot's defaults for VMs that ask for neither."""
+        ``personal`` applies this VM's hostname, machine id and mounts; a bake leaves them
+        out, so the shared snapshot keeps the boot's defaults for VMs that ask for neither
+        (and holds no mounted share, which QEMU could not save)."""
         if self._cancelled:
             raise VMError("the VM was interrupted")
         self._launching = True
@@ -237,6 +245,16 @@ class VM:
             summary = _boot_failure_summary(machine.console_tail())
             what = "restore" if config.incoming_state else "boot"
             raise VMError(f"the VM failed to {what}: {summary}") from None
+        if personal:
+            try:
+                for m in self.recipe.volumes.mounts:
+                    client.mount(m.source, m.target, m.fstype, m.data, flags=m.flags)
+            except BaseException as e:
+                client.close()
+                machine.kill()
+                if isinstance(e, Error):
+                    raise VMError(f"cannot mount in the VM: {e}") from None
+                raise
         return machine, client
 
     def _run_machine(self, stack: contextlib.ExitStack, config) -> None:
@@ -283,7 +301,11 @@ class VM:
         if machine is None or recipe is None or not self.running:
             raise VMError("the VM is not running")
         snapshot_mod.check_name(name)
-
+        if recipe.volumes.uses_shares:
+            raise SnapshotError("a VM with host directories mounted cannot be saved as a "
+                                "snapshot (QEMU cannot save a mounted 9p share, and the "
+                                "snapshot would not hold their files); snapshot a VM "
+                                "without -v/--mount and mount them when you run it")
         def bake(mem: Path, state: Path) -> None:
             # RAM of a running VM is not in a shared file: save a full stream, load it into
             # a paused copy whose RAM *is* a shared file, and save that copy's device state.

@@ -64,7 +64,7 @@ MALFORMED = {
     "repeated CWD": frame(EXEC, 1, ARGV_TRUE + tlv(3, b"/") + tlv(3, b"/")),
     "FLAGS wrong size": frame(EXEC, 1, ARGV_TRUE + tlv(5, b"\1\0")),
     "unknown FLAGS bit": frame(EXEC, 1, ARGV_TRUE + tlv(5, struct.pack("<I", 8))),
-    "unknown OP": frame(EXEC, 1, ARGV_TRUE + tlv(7, struct.pack("<I", 3))),
+    "unknown OP": frame(EXEC, 1, ARGV_TRUE + tlv(7, struct.pack("<I", 4))),
     "MODE out of range": frame(EXEC, 1, ARGV_TRUE + tlv(8, struct.pack("<I", 0o10000))),
     "too many ARGV": frame(EXEC, 1, tlv(1, b"") * 4097),
     "HELLO bad version": frame(HELLO, 0, struct.pack("<I", 2) + b"\0" * 16),

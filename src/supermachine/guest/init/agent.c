@@ -14,6 +14,7 @@
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -447,6 +448,72 @@ static void start_file(struct agent *a, struct session *s, const struct exec_req
 	emit_u32(a, T_STARTED, 0, s->id, 0);
 }
 
+/* A MOUNT session (docs/protocol.md): argv = source, target, fstype, data; MODE = MOUNT_*
+ * flags. Done at once; the session ends with EXIT 0 or the error. The host sends these right
+ * after HELLO, for volumes: a VM restored from a snapshot baked without any gets them now. */
+static void start_mount(struct agent *a, struct session *s, const struct exec_req *r)
+{
+	if (r->argc != 4) {
+		set_report(s, K_FAILED, EINVAL, "mount: want source, target, type and data");
+		return;
+	}
+	const char *src = r->argv[0], *dst = r->argv[1], *type = r->argv[2], *data = r->argv[3];
+	uint32_t f = r->mode;
+	if (f & ~MOUNT_KNOWN) {
+		set_report(s, K_FAILED, EINVAL, "mount: unknown flags 0x%x", f);
+		return;
+	}
+	if (dst[0] != '/') {
+		set_report(s, K_FAILED, EINVAL, "mount: %.200s: target must be absolute", dst);
+		return;
+	}
+	if (f & MOUNT_MKDIR) {
+		if (mkdir_p(dst) < 0) {
+			set_report(s, K_FAILED, errno, "mount: create %.200s: %s", dst, strerror(errno));
+			return;
+		}
+	} else if (f & MOUNT_MKFILE) {
+		struct stat st;
+		char parent[4096];
+		snprintf(parent, sizeof(parent), "%s", dst);
+		char *slash = strrchr(parent, '/');
+		if (slash && slash != parent)
+			*slash = 0;
+		int fd = -1;
+		if (stat(dst, &st) == 0 ? S_ISDIR(st.st_mode) && (errno = EISDIR)
+					: (mkdir_p(parent) < 0 ||
+					   (fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW,
+						      0644)) < 0)) {
+			set_report(s, K_FAILED, errno, "mount: create %.200s: %s", dst, strerror(errno));
+			return;
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	unsigned long flags = 0;
+	if (f & MOUNT_RDONLY)
+		flags |= MS_RDONLY;
+	if (f & MOUNT_BIND)
+		flags |= MS_BIND;
+	if (f & MOUNT_REMOUNT)
+		flags |= MS_REMOUNT;
+	if (f & MOUNT_NOSUID)
+		flags |= MS_NOSUID | MS_NODEV;
+	if (mount(src[0] ? src : NULL, dst, type[0] ? type : NULL, flags, data[0] ? data : NULL) <
+	    0) {
+		set_report(s, K_FAILED, errno, "mount %.100s on %.200s: %s", src, dst, strerror(errno));
+		return;
+	}
+	/* A bind mount takes read-only only from a remount of the new mount. */
+	if ((f & MOUNT_BIND) && (f & MOUNT_RDONLY) &&
+	    mount(NULL, dst, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0) {
+		set_report(s, K_FAILED, errno, "remount %.200s read-only: %s", dst, strerror(errno));
+		return;
+	}
+	s->started = true;
+	emit_u32(a, T_STARTED, 0, s->id, 0);
+}
+
 /* Opens a pty pair with the given size; returns the master, *slave gets the other end. */
 static int open_pty(uint16_t rows, uint16_t cols, int *slave)
 {
@@ -566,6 +633,8 @@ static void on_exec(struct agent *a, uint32_t ch, const uint8_t *p, size_t n)
 	};
 	if (r.op == OP_RUN)
 		start_process(a, s, &r);
+	else if (r.op == OP_MOUNT)
+		start_mount(a, s, &r);
 	else
 		start_file(a, s, &r);
 	exec_req_free(&r);

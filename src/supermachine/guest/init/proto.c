@@ -159,7 +159,7 @@ int exec_req_parse(struct exec_req *r, const uint8_t *p, size_t n, char *err, si
 					FAIL("EXEC: unknown FLAGS bits 0x%x", r->flags);
 			} else if (tag == TAG_OP) {
 				r->op = get32(v);
-				if (r->op > OP_WRITE)
+				if (r->op > OP_MOUNT)
 					FAIL("EXEC: unknown OP %u", r->op);
 			} else {
 				r->mode = get32(v);

@@ -25,7 +25,15 @@ enum frame_type {
 	T_EXIT, T_CLOSE, T_PING, T_PONG, T_ERROR, T_SHUTDOWN,
 };
 enum exit_kind { K_EXITED = 0, K_SIGNALED = 1, K_NOSTART = 2, K_FAILED = 3 };
-enum op { OP_RUN = 0, OP_READ = 1, OP_WRITE = 2 };
+enum op { OP_RUN = 0, OP_READ = 1, OP_WRITE = 2, OP_MOUNT = 3 };
+/* MODE bits of a MOUNT session (docs/protocol.md). */
+#define MOUNT_RDONLY 1u
+#define MOUNT_MKDIR 2u   /* create the target directory (and its parents) */
+#define MOUNT_MKFILE 4u  /* create the target as an empty file (a single-file bind mount) */
+#define MOUNT_BIND 8u
+#define MOUNT_REMOUNT 16u
+#define MOUNT_NOSUID 32u /* nosuid, nodev */
+#define MOUNT_KNOWN 63u
 #define FLAG_STDIN 1u
 #define FLAG_TTY 2u
 #define FLAG_KEEP 4u

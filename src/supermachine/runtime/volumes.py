@@ -1,0 +1,170 @@
+"""Mounts of a VM: host directories and files, named volumes and tmpfs, as share devices
+for the machine and mount steps for the guest.
+
+Every machine has `spec.MAX_SHARES` virtio-9p devices (engine `Share`s), used or not, so the
+automatic snapshot (baked with none mounted: QEMU cannot save a guest with a 9p share
+mounted) restores into a VM with any mounts: the restored QEMU's command line points the
+devices at this VM's directories, and the guest mounts them right after the HELLO, before
+any workload runs. Unused devices export an empty read-only directory.
+
+A single host file is shared through a directory of its own holding a hard link to it (the
+guest mounts that directory out of sight and bind-mounts the file onto the target), so the
+guest never sees the file's neighbours. Read-only shares are read-only in QEMU too
+(``readonly=on``): a guest root that remounts them read-write still cannot write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..agent.protocol import MountFlag
+from ..engine.base import Share
+from ..errors import UsageError
+from ..home import Home
+from ..spec import MAX_SHARES, Mount, VMSpec
+
+#: where the guest mounts shares that carry a single file (out of the workload's way)
+FILE_SHARES = "/run/supermachine/files"
+#: 9p mount options: 9P2000.L (POSIX semantics), no caching (host and guest see each
+#: other's writes at once, as a bind mount does), 512 KiB messages
+NINEP = "trans=virtio,version=9p2000.L,cache=none,msize=524288"
+
+
+@dataclass(frozen=True)
+class GuestMount:
+    """One mount(2) the guest makes (agent `mount`)."""
+
+    source: str
+    target: str
+    fstype: str
+    data: str
+    flags: int
+
+
+@dataclass(frozen=True)
+class HostFile:
+    """A single host file shared through slot ``slot``: the VM links it into a directory of
+    its own at start (`stage_files`)."""
+
+    slot: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    shares: tuple[Share, ...]  # every slot, used or not
+    blank: tuple[Share, ...]  # every slot unused: for helper machines (bakes)
+    mounts: tuple[GuestMount, ...]  # in order: parents before children, read-only root last
+    files: tuple[HostFile, ...]
+
+    @property
+    def uses_shares(self) -> bool:
+        return any(m.fstype == "9p" for m in self.mounts)
+
+
+def tag(slot: int) -> str:
+    return f"sm{slot}"
+
+
+def empty_share(home: Home) -> Path:
+    """The empty read-only directory unused share devices export."""
+    path = home.guest / "share-empty"
+    if not path.is_dir():
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+    if stat.S_IMODE(path.stat().st_mode) != 0o555:
+        path.chmod(0o555)
+    return path
+
+
+def empty_shares(home: Home) -> tuple[Share, ...]:
+    empty = empty_share(home)
+    return tuple(Share(tag(i), empty, True) for i in range(MAX_SHARES))
+
+
+def plan(spec: VMSpec, home: Home) -> VolumePlan:
+    """The shares and guest mount steps for ``spec``'s mounts (checked here: sources exist
+    and are directories or regular files, volume names are valid)."""
+    blank = empty_shares(home)
+    shares = list(blank)
+    mounts: list[GuestMount] = []
+    files: list[HostFile] = []
+    slot = 0
+    for m in sorted(spec.mounts, key=lambda m: m.target.count("/")):
+        ro = MountFlag.RDONLY if m.readonly else 0
+        if m.type == "tmpfs":
+            data = "mode=1777" + (f",size={m.size}" if m.size else "")
+            mounts.append(GuestMount("tmpfs", m.target, "tmpfs", data,
+                                     MountFlag.MKDIR | MountFlag.NOSUID | ro))
+            continue
+        host = _source(m, home)
+        if host.is_dir():
+            shares[slot] = Share(tag(slot), host, m.readonly)
+            mounts.append(GuestMount(tag(slot), m.target, "9p", NINEP, MountFlag.MKDIR | ro))
+        else:
+            hidden = f"{FILE_SHARES}/{slot}"
+            shares[slot] = Share(tag(slot), blank[slot].path, m.readonly)  # staged at start
+            files.append(HostFile(slot, host))
+            mounts.append(GuestMount(tag(slot), hidden, "9p", NINEP, MountFlag.MKDIR | ro))
+            mounts.append(GuestMount(f"{hidden}/{host.name}", m.target, "", "",
+                                     MountFlag.MKFILE | MountFlag.BIND | ro))
+        slot += 1
+    if spec.read_only:
+        mounts.append(GuestMount("", "/", "", "", MountFlag.REMOUNT | MountFlag.RDONLY))
+    return VolumePlan(tuple(shares), blank, tuple(mounts), tuple(files))
+
+
+def _source(m: Mount, home: Home) -> Path:
+    if m.type == "volume":
+        raise UsageError(f"named volumes are not supported yet ({m.source}); mount a host "
+                         "directory (an absolute or ./ path) instead")
+    path = Path(m.source or "")
+    try:
+        st = os.stat(path)  # follows symlinks, as docker resolves a bind source
+    except FileNotFoundError:
+        raise UsageError(f"bind source path does not exist: {path}") from None
+    except OSError as e:
+        raise UsageError(f"bind source {path}: {e.strerror}") from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise UsageError(f"bind source {path} is not a directory or a regular file (sockets, "
+                         "devices and FIFOs cannot be shared with a VM)")
+    return Path(os.path.realpath(path))
+
+
+STAGING_PREFIX = "vm-files-"
+
+
+def staging_dir(home: Home) -> Path:
+    """A new directory for one VM's single-file shares, named after this process, after
+    removing those of processes that died without cleaning up (SIGKILL)."""
+    for entry in home.tmp.glob(f"{STAGING_PREFIX}*"):
+        pid = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=home.tmp))
+
+
+def stage_files(plan_: VolumePlan, tmp: Path) -> tuple[Share, ...]:
+    """The plan's shares with each single-file slot pointed at a new directory under ``tmp``
+    holding a hard link to its file (the caller removes ``tmp`` when the VM ends)."""
+    shares = list(plan_.shares)
+    for f in plan_.files:
+        d = Path(tempfile.mkdtemp(prefix=f"file-share-{f.slot}-", dir=tmp))
+        readonly = shares[f.slot].readonly
+        try:
+            os.link(f.path, d / f.path.name)
+        except OSError as e:
+            if not readonly:
+                raise UsageError(
+                    f"cannot share the file {f.path} read-write: {e.strerror} (a single file "
+                    f"is shared through a hard link, which needs the same filesystem as {tmp};"
+                    " mount its directory, or add :ro)") from None
+            shutil.copy2(f.path, d / f.path.name)  # read-only: a copy reads the same
+        shares[f.slot] = Share(tag(f.slot), d, readonly)
+    return tuple(shares)
