@@ -149,7 +149,8 @@ def test_found_by_name_from_another_directory_and_ps_inspect(home, shared, tmp_p
     r = subprocess.run([*CLI, "ps"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert r.returncode == 0
     header, *rows = r.stdout.decode().splitlines()
-    assert header.split() == ["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"]
+    assert header.split() == ["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS",
+                              "MOUNTS"]
     (row,) = [line for line in rows if line.startswith(shared + " ")]
     assert " Up " in row and "sh -c" in row
     info = _inspect(home, shared)

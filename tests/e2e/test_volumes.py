@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,115 @@ def test_v_creates_a_missing_host_directory(home, busybox, tmp_path):
                 "echo hi > /m/f")
     assert r.returncode == 0, r.stderr
     assert (made / "f").read_text() == "hi\n"
+
+
+# -- named volumes ---------------------------------------------------------------------------
+
+
+def test_named_volume_persists_across_vms_with_copy_up(home, cli, busybox):
+    name = "e2e-vol-" + os.urandom(3).hex()
+    try:
+        # first use: created, filled with what the image has at /etc (ownership kept)
+        r = cli("run", "-v", f"{name}:/etc", str(busybox), "sh", "-c",
+                "ls /etc/passwd && stat -c '%u:%g %a' /etc/passwd && "
+                "echo one > /etc/state && "
+                "mkdir /etc/app && chown 1234:1234 /etc/app && chmod 4750 /etc/app")
+        assert r.returncode == 0, r.stderr
+        # second VM sees it, with the guest's owners and modes (not the host's)
+        r = cli("run", "-v", f"{name}:/data", str(busybox), "sh", "-c",
+                "cat /data/state && stat -c '%u:%g %a' /data/app && echo two >> /data/state")
+        assert r.returncode == 0 and r.stdout == b"one\n1234:1234 4750\n", (r.stdout, r.stderr)
+        # third, read-only, through the API
+        with supermachine.VM(busybox, home=home, network="none",
+                             volumes=[f"{name}:/v:ro"]) as vm:
+            assert _sh(vm, "cat /v/state").stdout == b"one\ntwo\n"
+            assert _sh(vm, "echo x > /v/state").exit_code != 0
+        listed = cli("volume", "ls").stdout.decode()
+        assert name in listed
+        (info,) = json.loads(cli("volume", "inspect", name).stdout)
+        assert info["Populated"] is True and info["InUse"] is False
+        # on the host, nothing in it is special: regular files and dirs, the user's
+        for p in Path(info["Mountpoint"]).rglob("*"):
+            st = p.lstat()
+            assert stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode), p
+            assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), p
+    finally:
+        cli("volume", "rm", name)
+    assert name not in cli("volume", "ls").stdout.decode()
+
+
+def test_one_writer_at_a_time(home, cli, busybox):
+    name = "e2e-lock-" + os.urandom(3).hex()
+    try:
+        with supermachine.VM(busybox, home=home, network="none", hostname="holder",
+                             volumes=[f"{name}:/v"]) as vm:
+            assert _sh(vm, "echo x > /v/f").exit_code == 0
+            second = cli("run", "-v", f"{name}:/v", str(busybox), "true")
+            assert second.returncode != 0 and b"in use by VM holder" in second.stderr, \
+                second.stderr
+            reader = cli("run", "-v", f"{name}:/v:ro", str(busybox), "true")
+            assert reader.returncode != 0 and b"in use" in reader.stderr
+            rm = cli("volume", "rm", name)
+            assert rm.returncode != 0 and b"in use" in rm.stderr
+            assert name in cli("volume", "ls").stdout.decode()  # nothing changed
+        # readers share it
+        with supermachine.VM(busybox, home=home, network="none", volumes=[f"{name}:/v:ro"]), \
+                supermachine.VM(busybox, home=home, network="none",
+                                volumes=[f"{name}:/v:ro"]) as b:
+            assert _sh(b, "cat /v/f").stdout == b"x\n"
+    finally:
+        cli("volume", "rm", name)
+
+
+def test_volume_commands_validate(cli):
+    for args, words in ((["volume", "create", "bad name"], b"invalid volume name"),
+                        (["volume", "rm", "no-such-volume"], b"no such volume"),
+                        (["volume", "inspect", "no-such-volume"], b"no such volume")):
+        r = cli(*args)
+        assert r.returncode != 0 and len(r.stderr.splitlines()) == 1 and words in r.stderr, \
+            (args, r.stderr)
+    name = "e2e-create-" + os.urandom(3).hex()
+    assert cli("volume", "create", name).stdout.decode().strip() == name
+    again = cli("volume", "create", name)
+    assert again.returncode != 0 and b"already exists" in again.stderr
+    r = cli("volume", "prune")
+    assert r.returncode != 0 and name.encode() in r.stdout and b"prune -f" in r.stderr
+    assert name.encode() in cli("volume", "prune", "-f").stdout
+    assert name not in cli("volume", "ls").stdout.decode()
+
+
+def test_detached_vms_show_their_mounts(home, cli, busybox, share):
+    from tests.e2e.conftest import vm_name
+
+    name = vm_name("e2e-mounts")
+    r = cli("run", "-d", "--name", name, "-v", f"{share}:/work:ro", "--tmpfs", "/t",
+            str(busybox), "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    try:
+        row = [ln for ln in cli("ps").stdout.decode().splitlines() if ln.startswith(name)]
+        assert row and f"{share}:/work:ro" in row[0] and "tmpfs:/t" in row[0], row
+        (info,) = json.loads(cli("inspect", name).stdout)
+        assert {(m["type"], m["target"]) for m in info["mounts"]} == \
+            {("bind", "/work"), ("tmpfs", "/t")}
+        assert cli("exec", name, "cat", "/work/from-host.txt").stdout == \
+            b"hello from the host\n"
+    finally:
+        cli("rm", "-f", name)
+
+
+def test_an_unprivileged_user_mounts_directories_and_volumes(busybox, nobody_home):
+    import sys
+
+    work = nobody_home / "work"
+    work.mkdir()
+    os.chown(work, 65534, 65534)
+    r = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "env", f"SUPERMACHINE_HOME={nobody_home}",
+         f"HOME={nobody_home}", sys.executable, "-m", "supermachine", "run", "--network",
+         "none", "-v", f"{work}:/work", "-v", "nobody-vol:/v", "--tmpfs", "/t", str(busybox),
+         "sh", "-c", "echo hi > /work/f && echo v > /v/f && cat /v/f && id -u"],
+        capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"v\n0\n"
+    st = (work / "f").stat()
+    assert (st.st_uid, (work / "f").read_text()) == (65534, "hi\n")  # the user's, not root's

@@ -94,6 +94,7 @@ class MountFlag(enum.IntFlag):
     BIND = 8
     REMOUNT = 16
     NOSUID = 32  # nosuid and nodev
+    COPYUP = 64  # first copy what the image has at the target into the new mount
 
 
 class SetupTag(enum.IntEnum):

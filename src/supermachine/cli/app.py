@@ -10,11 +10,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import Error
-from . import images, kernel, run, snapshots, vms
+from . import images, kernel, run, snapshots, vms, volumes
 from .common import PROG
 from .interrupts import INTERRUPTS
 
-GROUPS = (run, images, vms, snapshots, kernel)  # their commands, in the order `--help` lists them
+# the command groups, in the order `--help` lists their commands
+GROUPS = (run, images, vms, snapshots, volumes, kernel)
 
 
 def _help_width() -> int:

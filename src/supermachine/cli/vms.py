@@ -152,7 +152,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         for s in states:
             print(s.record.name)
         return 0
-    rows = [("NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS")]
+    rows = [("NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "MOUNTS")]
     if states:
         import shlex  # only to show commands: no VMs, no import
     for s in states:
@@ -164,9 +164,21 @@ def cmd_ps(args: argparse.Namespace) -> int:
         rows.append((r.name, image, f'"{command}"',
                      f"{state.human_duration(now - r.created)} ago",
                      state.status_text(s, now),
-                     ", ".join(r.ports) if s.running else ""))
+                     ", ".join(r.ports) if s.running else "", _mounts_text(r.options)))
     print_table(rows)
     return 0
+
+
+def _mounts_text(options: dict) -> str:
+    """A detached VM's mounts for `ps`: SOURCE:TARGET[:ro] (tmpfs for a tmpfs)."""
+    vm = options.get("vm") if isinstance(options, dict) else None
+    mounts = vm.get("mounts") if isinstance(vm, dict) else None
+    out = []
+    for m in mounts if isinstance(mounts, list) else ():
+        if isinstance(m, dict):
+            text = f"{m.get('source') or 'tmpfs'}:{m.get('target')}"
+            out.append(text + (":ro" if m.get("readonly") else ""))
+    return ", ".join(out)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -276,6 +288,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         info.update(created=iso(r.created), started=iso(r.started), finished=iso(r.finished))
         info["state"] = {"status": s.status, "running": s.running, "dead": s.status == "dead",
                          "exit_code": r.exit_code, "error": r.error}
+        vm = r.options.get("vm") if isinstance(r.options, dict) else None
+        info["mounts"] = vm.get("mounts", []) if isinstance(vm, dict) else []
         out.append(info)
     print(json.dumps(out, indent=2))
     return 0

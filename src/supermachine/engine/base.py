@@ -23,6 +23,10 @@ class Share:
     tag: str
     path: Path
     readonly: bool = True
+    #: QEMU's 9p security model: "none" (a user's directory: files are the host user's, with
+    #: the guest's modes) or "mapped-xattr" (a named volume: the guest's owners, modes and
+    #: special files live in user.virtfs.* xattrs of plain 0600/0700 host files)
+    model: str = "none"
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,11 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
     for i, share in enumerate(config.shares):
         # security_model=none: files are created as this user, with the guest's modes; what
         # else a root guest could do to the host through it, fsguard.c refuses.
+        if share.model not in ("none", "mapped-xattr"):
+            raise ValueError(f"unknown 9p security model {share.model!r}")
         cmd += ["-fsdev", f"local,id=fs{i},path={_qemu_opt(str(share.path))},"
-                          f"security_model=none,readonly={'on' if share.readonly else 'off'}",
+                          f"security_model={share.model},"
+                          f"readonly={'on' if share.readonly else 'off'}",
                 "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share.tag}"]
     if config.memory_file is not None:
         share = "on" if config.memory_shared else "off"

@@ -28,7 +28,7 @@ from ..errors import AgentError, Error, SnapshotError, UsageError, VMError
 from ..home import Home
 from ..spec import VMSpec, WorkloadSpec, env_items, random_machine_id
 from . import bake as bake_mod
-from . import builder, volumes
+from . import builder, volume_store, volumes
 from . import snapshot as snapshot_mod
 from .threads import ThreadGroup
 
@@ -136,6 +136,10 @@ class VM:
         t0 = time.monotonic()
         recipe = self.recipe = builder.prepare(self.spec, self.home, verbose=self._verbose,
                                                notice=self._notice, progress=self._progress)
+        for nv in recipe.volumes.named:  # held while this VM runs: one writer at a time
+            who = f"VM {recipe.spec.hostname or 'pid ' + str(os.getpid())}"
+            stack.callback(os.close, volume_store.acquire(nv.volume, readonly=nv.readonly,
+                                                          holder=who))
         if recipe.volumes.files:  # single host files: linked into directories of this VM's
             tmp = volumes.staging_dir(self.home)
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
@@ -249,6 +253,9 @@ class VM:
             try:
                 for m in self.recipe.volumes.mounts:
                     client.mount(m.source, m.target, m.fstype, m.data, flags=m.flags)
+                for nv in self.recipe.volumes.named:  # the image's files are in it now
+                    if not nv.readonly and not nv.volume.populated:
+                        nv.volume.mark_populated()
             except BaseException as e:
                 client.close()
                 machine.kill()

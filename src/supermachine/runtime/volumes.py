@@ -22,12 +22,14 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..agent.protocol import MountFlag
 from ..engine.base import Share
 from ..errors import UsageError
 from ..home import Home
 from ..spec import MAX_SHARES, Mount, VMSpec
+from . import volume_store
 
 #: where the guest mounts shares that carry a single file (out of the workload's way)
 FILE_SHARES = "/run/supermachine/files"
@@ -57,11 +59,21 @@ class HostFile:
 
 
 @dataclass(frozen=True)
+class NamedVolume:
+    """A named volume the VM uses: locked while it runs, marked populated once the image's
+    files were copied in (`volume_store`)."""
+
+    volume: Any  # volume_store.Volume
+    readonly: bool
+
+
+@dataclass(frozen=True)
 class VolumePlan:
     shares: tuple[Share, ...]  # every slot, used or not
     blank: tuple[Share, ...]  # every slot unused: for helper machines (bakes)
     mounts: tuple[GuestMount, ...]  # in order: parents before children, read-only root last
     files: tuple[HostFile, ...]
+    named: tuple[NamedVolume, ...] = ()
 
     @property
     def uses_shares(self) -> bool:
@@ -95,6 +107,7 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
     shares = list(blank)
     mounts: list[GuestMount] = []
     files: list[HostFile] = []
+    named: list[NamedVolume] = []
     slot = 0
     for m in sorted(spec.mounts, key=lambda m: m.target.count("/")):
         ro = MountFlag.RDONLY if m.readonly else 0
@@ -102,6 +115,15 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
             data = "mode=1777" + (f",size={m.size}" if m.size else "")
             mounts.append(GuestMount("tmpfs", m.target, "tmpfs", data,
                                      MountFlag.MKDIR | MountFlag.NOSUID | ro))
+            continue
+        if m.type == "volume":
+            v = volume_store.create(home, m.source or "", exist_ok=True)
+            named.append(NamedVolume(v, m.readonly))
+            shares[slot] = Share(tag(slot), v.data, m.readonly, "mapped-xattr")
+            copyup = MountFlag.COPYUP if not (v.populated or m.readonly) else 0
+            mounts.append(GuestMount(tag(slot), m.target, "9p", NINEP,
+                                     MountFlag.MKDIR | copyup | ro))
+            slot += 1
             continue
         host = _source(m, home)
         if host.is_dir():
@@ -117,13 +139,10 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
         slot += 1
     if spec.read_only:
         mounts.append(GuestMount("", "/", "", "", MountFlag.REMOUNT | MountFlag.RDONLY))
-    return VolumePlan(tuple(shares), blank, tuple(mounts), tuple(files))
+    return VolumePlan(tuple(shares), blank, tuple(mounts), tuple(files), tuple(named))
 
 
 def _source(m: Mount, home: Home) -> Path:
-    if m.type == "volume":
-        raise UsageError(f"named volumes are not supported yet ({m.source}); mount a host "
-                         "directory (an absolute or ./ path) instead")
     path = Path(m.source or "")
     try:
         st = os.stat(path)  # follows symlinks, as docker resolves a bind source

@@ -57,7 +57,7 @@ def test_usage_errors_exit_2_with_one_line(argv, capsys, tmp_path):
 def test_ps_and_inspect_on_an_empty_home(capsys, tmp_path):
     assert app.main(["--home", str(tmp_path), "ps", "-a"]) == 0
     assert capsys.readouterr().out.split() == ["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS",
-                                               "PORTS"]
+                                               "PORTS", "MOUNTS"]
     assert app.main(["--home", str(tmp_path), "inspect", "nope"]) != 0
     assert "no such VM" in capsys.readouterr().err
     assert os.listdir(tmp_path / "vms") == []

@@ -2,6 +2,7 @@
  * session's pipes. All fds are non-blocking and close-on-exec; memory is bounded by the
  * protocol's limits (input buffer: two frames; output: OUT_HARD plus one event's worth;
  * stdin queues: one window per session). */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -448,6 +449,103 @@ static void start_file(struct agent *a, struct session *s, const struct exec_req
 	emit_u32(a, T_STARTED, 0, s->id, 0);
 }
 
+/* Copies the tree at src into the (empty) directory dst, keeping owners, modes, times,
+ * symlinks and special files: docker's copy-up of an image's files into a new named volume.
+ * Depth is bounded; the tree is the image's own (trusted as much as the image). */
+static int copy_tree(int sfd, int dfd, int depth)
+{
+	if (depth > 64) {
+		errno = ELOOP;
+		return -1;
+	}
+	DIR *d = fdopendir(dup(sfd));
+	if (!d)
+		return -1;
+	int rc = 0;
+	struct dirent *e;
+	while (rc == 0 && (e = readdir(d))) {
+		const char *n = e->d_name;
+		if (!strcmp(n, ".") || !strcmp(n, ".."))
+			continue;
+		struct stat st;
+		if (fstatat(sfd, n, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+			rc = -1;
+			break;
+		}
+		mode_t perm = st.st_mode & 07777;
+		if (S_ISDIR(st.st_mode)) {
+			int s2 = -1, d2 = -1;
+			if (mkdirat(dfd, n, 0700) < 0 ||
+			    (s2 = openat(sfd, n, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0 ||
+			    (d2 = openat(dfd, n, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0 ||
+			    copy_tree(s2, d2, depth + 1) < 0)
+				rc = -1;
+			if (s2 >= 0)
+				close(s2);
+			if (d2 >= 0)
+				close(d2);
+		} else if (S_ISREG(st.st_mode)) {
+			int in = openat(sfd, n, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+			int out = in < 0 ? -1 : openat(dfd, n, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+			char buf[65536];
+			ssize_t r = 0;
+			while (out >= 0 && (r = read(in, buf, sizeof(buf))) > 0)
+				if (write(out, buf, (size_t)r) != r) {
+					r = -1;
+					break;
+				}
+			if (in < 0 || out < 0 || r < 0)
+				rc = -1;
+			if (in >= 0)
+				close(in);
+			if (out >= 0)
+				close(out);
+		} else if (S_ISLNK(st.st_mode)) {
+			char target[4096];
+			ssize_t len = readlinkat(sfd, n, target, sizeof(target) - 1);
+			if (len < 0 || (target[len] = 0, symlinkat(target, dfd, n) < 0))
+				rc = -1;
+		} else if (mknodat(dfd, n, st.st_mode, st.st_rdev) < 0) {
+			rc = -1;
+		}
+		if (rc == 0 && fchownat(dfd, n, st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW) < 0)
+			rc = -1;
+		if (rc == 0 && !S_ISLNK(st.st_mode) && fchmodat(dfd, n, perm, 0) < 0)
+			rc = -1;
+		struct timespec ts[2] = {st.st_atim, st.st_mtim};
+		if (rc == 0)
+			utimensat(dfd, n, ts, AT_SYMLINK_NOFOLLOW);
+	}
+	int e2 = errno;
+	closedir(d);
+	errno = e2;
+	return rc;
+}
+
+/* Copy-up for a named volume mounted for the first time: the image's files at dst go into
+ * the volume (mounted at a hidden place first), as docker fills an empty volume. */
+static int copy_up(const char *src, const char *dst, const char *type, const char *data)
+{
+	static const char hidden[] = "/run/supermachine/copyup";
+	int sfd = open(dst, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (sfd < 0)
+		return errno == ENOENT || errno == ENOTDIR ? 0 : -1; /* nothing to copy */
+	int rc = -1, dfd = -1;
+	if (mkdir_p(hidden) == 0 && mount(src, hidden, type, 0, data) == 0) {
+		dfd = open(hidden, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		rc = dfd < 0 ? -1 : copy_tree(sfd, dfd, 0);
+		int e = errno;
+		if (dfd >= 0)
+			close(dfd);
+		umount2(hidden, MNT_DETACH);
+		errno = e;
+	}
+	int e = errno;
+	close(sfd);
+	errno = e;
+	return rc;
+}
+
 /* A MOUNT session (docs/protocol.md): argv = source, target, fstype, data; MODE = MOUNT_*
  * flags. Done at once; the session ends with EXIT 0 or the error. The host sends these right
  * after HELLO, for volumes: a VM restored from a snapshot baked without any gets them now. */
@@ -489,6 +587,11 @@ static void start_mount(struct agent *a, struct session *s, const struct exec_re
 		}
 		if (fd >= 0)
 			close(fd);
+	}
+	if ((f & MOUNT_COPYUP) && copy_up(src, dst, type, data) < 0) {
+		set_report(s, K_FAILED, errno, "copying the image's %.200s into the volume: %s", dst,
+			   strerror(errno));
+		return;
 	}
 	unsigned long flags = 0;
 	if (f & MOUNT_RDONLY)

@@ -1,0 +1,186 @@
+"""Named volumes: directories the home keeps across VMs, created on first use.
+
+Layout (``home.volumes``)::
+
+    volumes/<name>/data          what VMs see at the mount point (shared over 9p)
+    volumes/<name>/volume.json   name, created, populated (the image's files copied in)
+    volumes/<name>/lock          flock: exclusive for a read-write user, shared for readers
+    volumes/<name>/holder        who holds it read-write (for the "in use" error)
+
+A volume is shared with QEMU's ``security_model=mapped-xattr``: the guest's owners, groups,
+modes, device nodes and symlinks are kept in ``user.virtfs.*`` xattrs of plain host files
+(mode 0600/0700), so the guest sees full POSIX ownership (a non-root image user owns its
+files) and nothing in the directory means anything to the host. This needs a home on a
+filesystem with user xattrs (ext4, xfs, btrfs; tmpfs only from Linux 6.6), checked when a
+volume is made.
+
+One VM may use a volume read-write at a time, or many read-only: a second writer gets an
+error naming the VM that holds it. The locks are flocks held by the process that runs the
+VM (for detached VMs, their supervisor), so they end with it, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import Error, UsageError
+from ..home import Home, atomic_write_bytes
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+_MAX_RECORD = 64 << 10
+
+
+class VolumeInUse(Error):
+    exit_code = 125
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    path: Path
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def record(self) -> dict:
+        try:
+            with open(self.path / "volume.json", "rb") as f:
+                rec = json.loads(f.read(_MAX_RECORD))
+            return rec if isinstance(rec, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def populated(self) -> bool:
+        return self.record.get("populated") is True
+
+    def mark_populated(self) -> None:
+        rec = {**self.record, "populated": True}
+        atomic_write_bytes(self.path / "volume.json", json.dumps(rec).encode(), 0o600)
+
+    def in_use(self) -> bool:
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def holder(self) -> str:
+        try:
+            return (self.path / "holder").read_text()[:200].strip() or "another VM"
+        except OSError:
+            return "another VM"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(f"invalid volume name {str(name)[:64]!r}: use letters, digits, _ . - "
+                         "(at most 128, starting with a letter or digit)")
+    return name
+
+
+def _root(home: Home) -> Path:
+    path = home.root / "volumes"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def get(home: Home, name: str) -> Volume | None:
+    v = Volume(check_name(name), _root(home) / name)
+    return v if (v.path / "volume.json").is_file() and v.data.is_dir() else None
+
+
+def create(home: Home, name: str, *, exist_ok: bool = False) -> Volume:
+    """Make volume ``name`` (``exist_ok``: or return the existing one, as ``-v NAME:`` does)."""
+    existing = get(home, name)
+    if existing is not None:
+        if exist_ok:
+            return existing
+        raise UsageError(f"volume {name} already exists")
+    root = _root(home)
+    stage = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "data").mkdir(parents=True, mode=0o700)
+    try:
+        _check_xattrs(stage / "data")
+        rec = {"name": name, "created": time.time(), "populated": False}
+        (stage / "volume.json").write_text(json.dumps(rec))
+        os.chmod(stage, 0o700)
+        try:
+            os.rename(stage, root / name)
+        except OSError:
+            if (v := get(home, name)) is not None and exist_ok:  # made by a racing process
+                return v
+            raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return Volume(name, root / name)
+
+
+def _check_xattrs(path: Path) -> None:
+    try:
+        os.setxattr(path, "user.supermachine.check", b"1")
+        os.removexattr(path, "user.supermachine.check")
+    except OSError as e:
+        raise Error(f"named volumes need user extended attributes, which {path.parent.parent} "
+                    f"does not support ({e.strerror}); put the home (SUPERMACHINE_HOME) on "
+                    "ext4, xfs or btrfs") from None
+
+
+def list_all(home: Home) -> list[Volume]:
+    out = []
+    for entry in sorted(_root(home).iterdir()):
+        if NAME_RE.match(entry.name) and (v := get(home, entry.name)) is not None:
+            out.append(v)
+    return out
+
+
+def remove(home: Home, name: str) -> None:
+    v = get(home, name)
+    if v is None:
+        raise UsageError(f"no such volume: {name}")
+    fd = os.open(v.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VolumeInUse(f"volume {name} is in use by {v.holder()}; stop it first") \
+                from None
+        # Renamed away first, under the lock: no VM can start using it half-removed.
+        gone = v.path.with_name(f".tmp-rm-{name}-{os.getpid()}")
+        os.rename(v.path, gone)
+    finally:
+        os.close(fd)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def acquire(v: Volume, *, readonly: bool, holder: str) -> int:
+    """Lock ``v`` for a VM's lifetime; returns the fd to close when the VM ends."""
+    fd = os.open(v.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        how = "read-only" if readonly else "read-write"
+        raise VolumeInUse(f"volume {v.name} is in use by {v.holder()}: it cannot be mounted "
+                          f"{how} while another VM writes to it") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    if not readonly:
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(v.path / "holder", holder.encode(), 0o600)
+    return fd
