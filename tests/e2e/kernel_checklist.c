@@ -627,15 +627,15 @@ static const char *check_mmap_lower(void)
 	return NULL;
 }
 
-/* A new file on the root overlay (its upper layer), shared-mapped: SQLite's WAL index,
- * LMDB, Java's and .NET's memory-mapped files. Both directions must stay coherent. */
-static const char *check_mmap_overlay(void)
+/* A new file in dir, shared-mapped: SQLite's WAL index, LMDB, Java's and .NET's
+ * memory-mapped files. Both directions must stay coherent. */
+static const char *mmap_shared_in(const char *dir)
 {
-	char path[64], buf[8];
-	snprintf(path, sizeof(path), "/checklist-mmap-%d", (int)getpid());
+	char path[128], buf[8];
+	snprintf(path, sizeof(path), "%s/checklist-mmap-%d", dir, (int)getpid());
 	int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 	if (fd < 0)
-		return why("create a file on the root filesystem");
+		return why("create a file there");
 	unlink(path);
 	if (ftruncate(fd, 8192) < 0)
 		return why("ftruncate");
@@ -656,6 +656,24 @@ static const char *check_mmap_overlay(void)
 	return NULL;
 }
 
+/* ... on the root overlay (its upper layer) */
+static const char *check_mmap_overlay(void)
+{
+	return mmap_shared_in("");
+}
+
+/* ... on a host directory (9p), mounted at /mnt/bind by the test: only run when named */
+static const char *check_mmap_bind(void)
+{
+	return mmap_shared_in("/mnt/bind");
+}
+
+/* ... on a named volume (9p, mapped-xattr), mounted at /mnt/volume: only when named */
+static const char *check_mmap_volume(void)
+{
+	return mmap_shared_in("/mnt/volume");
+}
+
 /* Python, OpenSSL, Go and Rust ask for randomness at start-up; a pool that is not
  * initialised right after boot makes them block or fail. */
 static const char *check_getrandom(void)
@@ -671,6 +689,7 @@ static const char *check_getrandom(void)
 static const struct {
 	const char *name;
 	check_fn fn;
+	int on_request; /* run only when named (needs something the VM may not have) */
 } checks[] = {
 	{"procfs", check_procfs},
 	{"sysfs", check_sysfs},
@@ -693,6 +712,9 @@ static const struct {
 	{"mmap-lower", check_mmap_lower},
 	{"mmap-overlay", check_mmap_overlay},
 	{"getrandom", check_getrandom},
+	/* the ones below run only when named: they need the VM's volumes */
+	{"mmap-bind", check_mmap_bind, 1},
+	{"mmap-volume", check_mmap_volume, 1},
 };
 #define NCHECKS (sizeof(checks) / sizeof(checks[0]))
 
@@ -709,7 +731,7 @@ int main(int argc, char **argv)
 		}
 	}
 	for (size_t i = 0; i < NCHECKS; i++) {
-		int wanted = argc == 1;
+		int wanted = argc == 1 && !checks[i].on_request;
 		for (int a = 1; a < argc; a++)
 			wanted |= strcmp(argv[a], checks[i].name) == 0;
 		if (!wanted)

@@ -50,3 +50,37 @@ def test_kernel_checklist(home, busybox, checklist, kernel):
     failed = [line for line in lines if not line.startswith("ok ")]
     assert (r.exit_code, failed) == (0, []), f"{kernel} kernel:\n{report}{r.stderr.decode()}"
     assert passed == list(CHECKS), f"{kernel} kernel ran other checks:\n{report}"
+
+
+def test_mmap_on_volumes(home, busybox, checklist, tmp_path):
+    """The filesystems volumes add (9p, both security models; supermachine kernel only:
+    Debian's has no 9p): shared writable mappings work there too."""
+    import os
+
+    volume = "e2e-mmap-" + os.urandom(3).hex()
+    try:
+        with supermachine.VM(busybox, home=home, network="none",
+                             volumes=[f"{tmp_path}:/mnt/bind", f"{volume}:/mnt/volume"]) as vm:
+            vm.copy_in(checklist, "/checklist")
+            r = vm.exec(["/checklist", "mmap-bind", "mmap-volume"], timeout=300)
+    finally:
+        from supermachine.home import Home
+        from supermachine.runtime import volume_store
+
+        volume_store.remove(Home(home), volume)
+    assert (r.exit_code, r.stdout) == (0, b"ok mmap-bind\nok mmap-volume\n"), r
+
+
+@pytest.mark.parametrize("how", ["poweroff", "reboot"])
+@pytest.mark.parametrize("kernel", ["debian", "supermachine"])
+def test_guest_power_off_and_reboot_end_the_vm(home, busybox, kernel, how):
+    """The paths QEMU's microvm understands: ACPI power-off (the generic event device) and
+    reboot (a triple fault, which -no-reboot turns into QEMU's exit)."""
+    import time
+
+    with supermachine.VM(busybox, home=home, kernel=kernel, network="none") as vm:
+        vm.spawn([how, "-f"])
+        deadline = time.monotonic() + 60
+        while vm.running:
+            assert time.monotonic() < deadline, f"{how} -f did not end the VM ({kernel})"
+            time.sleep(0.05)

@@ -33,9 +33,11 @@ from . import volume_store
 
 #: where the guest mounts shares that carry a single file (out of the workload's way)
 FILE_SHARES = "/run/supermachine/files"
-#: 9p mount options: 9P2000.L (POSIX semantics), no caching (host and guest see each
-#: other's writes at once, as a bind mount does), 512 KiB messages
-NINEP = "trans=virtio,version=9p2000.L,cache=none,msize=524288"
+#: 9p mount options: 9P2000.L (POSIX semantics); cache=mmap: no page cache for reads and
+#: writes (host and guest see each other's writes at once, as with a bind mount), only for
+#: mmap, which cache=none refuses for shared writable mappings (SQLite's WAL, LMDB); 512 KiB
+#: messages
+NINEP = "trans=virtio,version=9p2000.L,cache=mmap,msize=524288"
 
 
 @dataclass(frozen=True)
