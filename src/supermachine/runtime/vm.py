@@ -251,8 +251,8 @@ class VM:
             raise VMError(f"the VM failed to {what}: {summary}") from None
         if personal:
             try:
-                for m in self.recipe.volumes.mounts:
-                    client.mount(m.source, m.target, m.fstype, m.data, flags=m.flags)
+                client.mount([(m.source, m.target, m.fstype, m.data, m.flags)
+                              for m in self.recipe.volumes.mounts])
                 for nv in self.recipe.volumes.named:  # the image's files are in it now
                     if not nv.readonly and not nv.volume.populated:
                         nv.volume.mark_populated()
