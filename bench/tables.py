@@ -364,13 +364,6 @@ def bench_previous(r: dict[str, Any]) -> list[Table]:
                    f"({'meets' if ratio <= target else 'misses'} <= {target}x)"])]
 
 
-TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
-    "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
-    "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
-    "bench_cli": bench_cli, "bench_previous": bench_previous,
-}
-
-
 def bench_kernel(r: dict[str, Any]) -> list[Table]:
     k = r["kernels"]
     names = ("debian", "supermachine")
@@ -434,3 +427,11 @@ def bench_volumes(r: dict[str, Any]) -> list[Table]:
                    fmt_s(rs["two_host_directories"]["p99"]),
                    fmt_x(r["ratio_two_mounts_over_none"])]]),
     ]
+
+
+TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
+    "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
+    "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
+    "bench_cli": bench_cli, "bench_previous": bench_previous, "bench_kernel": bench_kernel,
+    "bench_volumes": bench_volumes,
+}

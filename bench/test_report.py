@@ -131,10 +131,35 @@ def previous_results() -> dict[str, Any]:
             "ratio_current_over_earlier": 0.55 / 0.6, "target_ratio": 1.0}
 
 
+def kernel_results() -> dict[str, Any]:
+    def one(cold: float, first: float, blocks: float, pss: float, touched: int) -> dict:
+        return {"cold_run_no_snapshot": summ(cold), "restore_to_first_exec": summ(first + 0.1),
+                "restore_only": summ(0.1), "first_exec": summ(first),
+                "first_exec_blocks": summ(blocks), "idle_restored_pss": summ(pss),
+                "snapshot_memory_allocated": touched}
+    return {"reps": 3, "memory": "256M", "target_cold_ratio": 0.45,
+            "kernels": {"debian": one(3.4, 0.2, 15000, 70e6, 65 << 20),
+                        "supermachine": one(1.5, 0.12, 12000, 60e6, 34 << 20)},
+            "ratio_cold_supermachine_over_debian": 1.5 / 3.4,
+            "build": {"wall_s": 672, "jobs": 2, "disk_peak_bytes": 1 << 30,
+                      "vmlinux_bytes": 21 << 20}}
+
+
+def volumes_results() -> dict[str, Any]:
+    io = {place: {"write_mbps": summ(100), "read_mbps": summ(200),
+                  "small_files_per_s": summ(1000), "tar_x_s": summ(1.5)}
+          for place in ("bind mount (9p)", "VM root overlay", "VM tmpfs", "host")}
+    return {"reps": 3, "seq_mib": 64, "small_files": 10000, "tree": "/usr/lib/python3.11",
+            "io": io, "restore_to_first_exec": {"no_mounts": summ(0.29),
+                                                "two_host_directories": summ(0.32)},
+            "ratio_two_mounts_over_none": 0.32 / 0.29, "target_ratio": 1.15}
+
+
 FACTORIES = {"bench_run": run_results, "bench_pull": pull_results, "bench_exec": exec_results,
              "bench_snapshot": snapshot_results, "bench_net": net_results,
              "bench_peers": peers_results, "bench_cli": cli_results,
-             "bench_previous": previous_results}
+             "bench_previous": previous_results, "bench_kernel": kernel_results,
+             "bench_volumes": volumes_results}
 
 README = """# Benchmarks
 
