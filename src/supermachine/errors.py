@@ -66,3 +66,8 @@ class ExecTimeout(VMError):
 
 class SnapshotError(Error):
     """A snapshot is missing, corrupt or does not match this machine."""
+
+
+class MountError(Error):
+    """A volume could not be mounted in the VM (not a VMError: the VM and its snapshot are
+    fine, so a restore that fails this way must not fall back to a boot)."""

@@ -281,3 +281,16 @@ def test_an_unprivileged_user_mounts_directories_and_volumes(busybox, nobody_hom
     assert r.stdout == b"v\n0\n"
     st = (work / "f").stat()
     assert (st.st_uid, (work / "f").read_text()) == (65534, "hi\n")  # the user's, not root's
+
+
+def test_a_mount_failing_in_the_guest_is_one_line_and_keeps_the_snapshot(home, busybox, share):
+    with supermachine.VM(busybox, home=home, network="none") as plain:
+        snap = plain.restored_from
+    r = run_cli(home, "run", "--network", "none", "-v", f"{share}:/dev/null", str(busybox),
+                "true")
+    errors = [ln for ln in r.stderr.decode().splitlines() if "TCG" not in ln]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr
+    assert "cannot mount in the VM" in errors[0] and "/dev/null" in errors[0], errors
+    assert "booting instead" not in r.stderr.decode()
+    with supermachine.VM(busybox, home=home, network="none") as again:
+        assert again.restored_from == snap  # not discarded

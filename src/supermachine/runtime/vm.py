@@ -24,7 +24,7 @@ from typing import Any
 
 from ..agent.client import AgentClient, ExecResult, ExitStatus, Process
 from ..agent.protocol import Stream
-from ..errors import AgentError, Error, SnapshotError, UsageError, VMError
+from ..errors import AgentError, Error, MountError, SnapshotError, UsageError, VMError
 from ..home import Home
 from ..spec import VMSpec, WorkloadSpec, env_items, random_machine_id
 from . import bake as bake_mod
@@ -260,7 +260,7 @@ class VM:
                 client.close()
                 machine.kill()
                 if isinstance(e, Error):
-                    raise VMError(f"cannot mount in the VM: {e}") from None
+                    raise MountError(f"cannot mount in the VM: {e}") from None
                 raise
         return machine, client
 
