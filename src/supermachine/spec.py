@@ -404,7 +404,7 @@ def parse_volume(text: str, cwd: str | None = None) -> Mount:
     return Mount("volume", dst, src, readonly)
 
 
-def parse_mount_flag(text: str, cwd: str | None = None) -> Mount:
+def parse_mount_flag(text: str) -> Mount:
     """docker's ``--mount type=...,source=...,target=...[,readonly][,tmpfs-size=N]``."""
     fields: dict[str, str] = {}
     for item in text.split(","):
@@ -434,7 +434,8 @@ def parse_mount_flag(text: str, cwd: str | None = None) -> Mount:
     if fields:
         raise UsageError(f"unsupported --mount field(s): {', '.join(sorted(fields))[:64]}")
     if kind == "bind" and source is not None and not source.startswith("/"):
-        source = os.path.abspath(os.path.join(cwd or os.getcwd(), source))
+        raise UsageError(f"--mount type=bind source {source[:64]!r} must be an absolute path "
+                         "(as docker requires)")
     if kind in ("bind", "volume") and source is None:
         raise UsageError(f"--mount type={kind} needs source=...")
     return Mount(kind, target, source, readonly, size)

@@ -189,7 +189,8 @@ def test_volume_flags_follow_docker() -> None:
     for bad, words in (("type=bind,target=/x", "needs source"), ("source=/x", "needs target"),
                        ("type=bind,source=/x,target=/y,foo=1", "unsupported --mount field"),
                        ("type=tmpfs,target=/x,tmpfs-size=0", "must be positive"),
-                       ("type=bind,source=/x,target=/y,readonly=maybe", "readonly value")):
+                       ("type=bind,source=/x,target=/y,readonly=maybe", "readonly value"),
+                       ("type=bind,source=rel,target=/y", "must be an absolute path")):
         with pytest.raises(UsageError, match=words):
             parse_mount_flag(bad)
 
