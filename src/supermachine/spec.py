@@ -459,7 +459,7 @@ def parse_size_bytes(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     try:
         n = int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(s)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: "infk"
         raise UsageError(f"invalid size {text[:32]!r}: use e.g. 64m or 1g") from None
     if n <= 0:
         raise UsageError(f"invalid size {text[:32]!r}: must be positive")

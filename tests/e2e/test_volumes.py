@@ -95,8 +95,12 @@ def test_tmpfs_and_read_only_root(home, busybox):
 def test_hostile_guest_root_cannot_reach_outside_the_share(home, busybox, share, tmp_path):
     outside = tmp_path / "outside.txt"
     outside.write_text("untouched\n")
+    host_suid = share / "host-suid"  # a setuid file the host put there: a write clears it
+    host_suid.write_bytes(b"#!/bin/sh\n")
+    host_suid.chmod(0o4755)
     script = f"""
         cd /work
+        echo 'echo pwned' >> host-suid
         cp /bin/busybox suid && chmod 4755 suid; chmod u+s suid
         cp /bin/busybox sgid && chmod 2755 sgid
         mkdir sdir && chmod 2775 sdir
@@ -113,7 +117,7 @@ def test_hostile_guest_root_cannot_reach_outside_the_share(home, busybox, share,
                          volumes=[f"{share}:/work"]) as vm:
         assert _sh(vm, script).exit_code == 0
     assert outside.read_text() == "untouched\n"
-    for name in ("suid", "sgid", "sdir"):
+    for name in ("suid", "sgid", "sdir", "host-suid"):
         mode = (share / name).stat().st_mode
         assert not mode & (stat.S_ISUID | stat.S_ISGID), (name, oct(mode))
     for name in ("blk", "chr", "fifo"):
@@ -141,6 +145,7 @@ def test_named_snapshot_of_a_vm_with_host_directories_is_refused(home, busybox, 
     (["-v", "/tmp:/x", "--tmpfs", "/x"], b"duplicate mount target"),
     (["--mount", "type=nfs,target=/x"], b"unknown mount type"),
     (["--tmpfs", "/x:size=lots"], b"invalid size"),
+    (["--tmpfs", "/x:size=infk"], b"invalid size"),
     (["-v", "/tmp:/"], b"cannot replace the root directory"),
 ])
 def test_bad_mounts_are_one_line_and_change_nothing(home, busybox, args, words):
@@ -294,3 +299,15 @@ def test_a_mount_failing_in_the_guest_is_one_line_and_keeps_the_snapshot(home, b
     assert "booting instead" not in r.stderr.decode()
     with supermachine.VM(busybox, home=home, network="none") as again:
         assert again.restored_from == snap  # not discarded
+
+
+def test_qemu_has_no_fsetid_or_mknod_capability(home, busybox, share):
+    """Run by root, QEMU would keep setuid bits on files it writes and could make device
+    nodes: both capabilities are gone from its bounding set (and from what it holds)."""
+    with supermachine.VM(busybox, home=home, network="none",
+                         volumes=[f"{share}:/work"]) as vm:
+        status = Path(f"/proc/{vm.pid}/status").read_text()
+    caps = {line.split(":")[0]: int(line.split()[1], 16) for line in status.splitlines()
+            if line.startswith("Cap")}
+    for bit in (4, 9, 27, 31):  # FSETID, LINUX_IMMUTABLE, MKNOD, SETFCAP
+        assert not caps["CapBnd"] & (1 << bit) and not caps["CapEff"] & (1 << bit), (bit, caps)

@@ -13,7 +13,10 @@
  * and refuses exactly those: modes lose S_ISUID and S_ISGID, mknod makes regular files only,
  * chown does nothing and says it worked (what security_model=none means: files stay the host
  * user's; `tar x` or `cp -a` as root in the guest must not fail on it), and only user.*
- * extended attributes may be set. Everything else passes through unchanged.
+ * extended attributes may be set or removed. Everything else passes through unchanged.
+ * When root runs supermachine, QEMU also lacks CAP_FSETID and CAP_MKNOD (qemu.py drops them
+ * from its bounding set), so a write to an existing setuid file clears the bit, as it does
+ * for everyone else.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -100,6 +103,17 @@ int mknod(const char *path, mode_t mode, dev_t dev)
 	return mknodat(AT_FDCWD, path, mode, dev);
 }
 
+/* What a QEMU built against glibc before 2.33 calls instead of mknod/mknodat. */
+int __xmknodat(int ver, int dirfd, const char *path, mode_t mode, dev_t *dev)
+{
+	return mknodat(dirfd, path, mode, dev ? *dev : 0);
+}
+
+int __xmknod(int ver, const char *path, mode_t mode, dev_t *dev)
+{
+	return mknodat(AT_FDCWD, path, mode, dev ? *dev : 0);
+}
+
 int mkfifo(const char *path, mode_t mode)
 {
 	errno = EPERM;
@@ -171,4 +185,29 @@ int fsetxattr(int fd, const char *n, const void *v, size_t s, int f)
 	if (!real)
 		real = next("fsetxattr");
 	return xattr_allowed(n) ? real(fd, n, v, s, f) : -1;
+}
+
+/* Removing is guarded like setting: a guest must not strip a host file's ACLs or labels. */
+int removexattr(const char *p, const char *n)
+{
+	static int (*real)(const char *, const char *);
+	if (!real)
+		real = next("removexattr");
+	return xattr_allowed(n) ? real(p, n) : -1;
+}
+
+int lremovexattr(const char *p, const char *n)
+{
+	static int (*real)(const char *, const char *);
+	if (!real)
+		real = next("lremovexattr");
+	return xattr_allowed(n) ? real(p, n) : -1;
+}
+
+int fremovexattr(int fd, const char *n)
+{
+	static int (*real)(int, const char *);
+	if (!real)
+		real = next("fremovexattr");
+	return xattr_allowed(n) ? real(fd, n) : -1;
 }

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+#: CAP_CHOWN is kept (9p's chown is a no-op in fsguard anyway); these go: CAP_FSETID,
+#: CAP_LINUX_IMMUTABLE, CAP_MKNOD, CAP_SETFCAP
+DROPPED_CAPS = (4, 9, 27, 31)
 #: bump whenever build_command changes the machine's devices or options: snapshots made
 #: with another layout must not be restored (the version is part of their fingerprint)
 MACHINE_LAYOUT = 3
@@ -157,6 +161,11 @@ def _child_setup(parent: int) -> None:
     # exec (setuid binaries, file capabilities), no core files (a dump would hold guest
     # memory), a bounded number of open files.
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    # Run as root, a process keeps setuid bits on files it writes (CAP_FSETID) and may make
+    # device nodes (CAP_MKNOD): neither may reach a shared directory. An ordinary user has no
+    # capabilities to drop (the call fails with EPERM, and that is fine).
+    for cap in DROPPED_CAPS:
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     cap = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
@@ -323,11 +332,16 @@ class QemuMachine(Machine):
             log.debug("qemu command: %s", shlex.join(cmd))
             fds = [s.fileno() for s in passed] + ([state_fd] if state_fd is not None else [])
             env = None
-            if config.shares:
-                if config.fsguard is None:
-                    raise EngineError("a machine with shared directories needs its guard; "
-                                      "this is a bug")
-                env = {**os.environ, "LD_PRELOAD": str(config.fsguard)}
+            if any(not share.readonly for share in config.shares):
+                # Only a writable share lets the guest create anything on the host.
+                guard = str(config.fsguard or "")
+                # ld.so splits LD_PRELOAD at spaces and colons and skips what it cannot load:
+                # such a path would leave QEMU unguarded, silently.
+                if not guard or any(c in guard for c in " :\t\n"):
+                    raise EngineError(f"the share guard's path {guard!r} is missing or has a "
+                                      "space or colon; use a home (SUPERMACHINE_HOME) "
+                                      "without them")
+                env = {**os.environ, "LD_PRELOAD": guard}
             try:
                 self._proc = _spawn(lambda: subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=con_guest.fileno(), env=env,

@@ -140,6 +140,9 @@ class VM:
             who = f"VM {recipe.spec.hostname or 'pid ' + str(os.getpid())}"
             stack.callback(os.close, volume_store.acquire(nv.volume, readonly=nv.readonly,
                                                           holder=who))
+        # Copy-up only into volumes still unfilled now that this VM holds them.
+        recipe = self.recipe = dataclasses.replace(
+            recipe, volumes=volumes.settle_copy_up(recipe.volumes))
         if recipe.volumes.files:  # single host files: linked into directories of this VM's
             tmp = volumes.staging_dir(self.home)
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
@@ -151,19 +154,22 @@ class VM:
         if snap is None and recipe.spec.snapshot:
             snap = self._auto_snapshot(recipe)
         t1 = time.monotonic()
+        # The machine lives on a stack of its own: a failed restore tears down that attempt,
+        # not the volume locks and staged files above, which the boot then uses.
+        attempt = stack.enter_context(contextlib.ExitStack())
         if snap is not None:
             try:
-                self._run_machine(stack, recipe.restore(snap))
+                self._run_machine(attempt, recipe.restore(snap))
                 self.restored_from = snap.name
             except VMError as e:
                 if recipe.named is not None or self._cancelled:
                     raise
                 self._notice(f"restoring the snapshot failed ({e}); booting instead")
-                stack.close()
+                attempt.close()
                 snapshot_mod.discard_auto(self.home, snap)  # the next VM bakes a fresh one
                 snap = None
         if snap is None:
-            self._run_machine(stack, recipe.config)
+            self._run_machine(attempt, recipe.config)
         log.debug("prepared in %.0f ms, %s in %.0f ms", (t1 - t0) * 1000,
                   "restored" if snap else "booted", (time.monotonic() - t1) * 1000)
 

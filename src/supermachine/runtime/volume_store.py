@@ -69,7 +69,10 @@ class Volume:
         atomic_write_bytes(self.path / "volume.json", json.dumps(rec).encode(), 0o600)
 
     def in_use(self) -> bool:
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -118,6 +121,7 @@ def create(home: Home, name: str, *, exist_ok: bool = False) -> Volume:
         _check_xattrs(stage / "data")
         rec = {"name": name, "created": time.time(), "populated": False}
         (stage / "volume.json").write_text(json.dumps(rec))
+        (stage / "lock").touch(0o600)
         os.chmod(stage, 0o700)
         try:
             os.rename(stage, root / name)
@@ -152,7 +156,10 @@ def remove(home: Home, name: str) -> None:
     v = get(home, name)
     if v is None:
         raise UsageError(f"no such volume: {name}")
-    fd = os.open(v.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(v.path / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"no such volume: {name}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -167,16 +174,38 @@ def remove(home: Home, name: str) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
+#: how long a VM waits for a volume's lock: `volume ls` and friends take it for a moment
+LOCK_PATIENCE = 1.0
+
+
 def acquire(v: Volume, *, readonly: bool, holder: str) -> int:
     """Lock ``v`` for a VM's lifetime; returns the fd to close when the VM ends."""
-    fd = os.open(v.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    gone = UsageError(f"volume {v.name} was removed while this VM started; run it again")
     try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        how = "read-only" if readonly else "read-write"
-        raise VolumeInUse(f"volume {v.name} is in use by {v.holder()}: it cannot be mounted "
-                          f"{how} while another VM writes to it") from None
+        fd = os.open(v.path / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise gone from None
+    try:
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) |
+                            fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    how = "read-only" if readonly else "read-write"
+                    raise VolumeInUse(f"volume {v.name} is in use by {v.holder()}: it cannot "
+                                      f"be mounted {how} now") from None
+                time.sleep(0.02)
+        # `volume rm` renames the volume away under this lock: a lock on the old file would
+        # guard nothing
+        try:
+            same = os.fstat(fd).st_ino == os.stat(v.path / "lock").st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise gone
     except BaseException:
         os.close(fd)
         raise

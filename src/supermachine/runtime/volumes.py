@@ -16,6 +16,7 @@ guest never sees the file's neighbours. Read-only shares are read-only in QEMU t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import stat
@@ -142,6 +143,18 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
     if spec.read_only:
         mounts.append(GuestMount("", "/", "", "", MountFlag.REMOUNT | MountFlag.RDONLY))
     return VolumePlan(tuple(shares), blank, tuple(mounts), tuple(files), tuple(named))
+
+
+def settle_copy_up(plan_: VolumePlan) -> VolumePlan:
+    """``plan_`` without copy-up for volumes filled since it was made (call it once the VM
+    holds its volumes' locks: another VM may have filled one meanwhile)."""
+    filled = {str(nv.volume.data) for nv in plan_.named if nv.volume.populated}
+    if not filled:
+        return plan_
+    by_tag = {s.tag: str(s.path) for s in plan_.shares}
+    mounts = tuple(dataclasses.replace(m, flags=m.flags & ~MountFlag.COPYUP)
+                   if by_tag.get(m.source) in filled else m for m in plan_.mounts)
+    return dataclasses.replace(plan_, mounts=mounts)
 
 
 def _source(m: Mount, home: Home) -> Path:

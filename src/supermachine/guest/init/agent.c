@@ -458,9 +458,13 @@ static int copy_tree(int sfd, int dfd, int depth)
 		errno = ELOOP;
 		return -1;
 	}
-	DIR *d = fdopendir(dup(sfd));
-	if (!d)
+	int dfd2 = dup(sfd);
+	DIR *d = dfd2 < 0 ? NULL : fdopendir(dfd2);
+	if (!d) {
+		if (dfd2 >= 0)
+			close(dfd2);
 		return -1;
+	}
 	int rc = 0;
 	struct dirent *e;
 	while (rc == 0 && (e = readdir(d))) {
@@ -487,7 +491,8 @@ static int copy_tree(int sfd, int dfd, int depth)
 		} else if (S_ISREG(st.st_mode)) {
 			int in = openat(sfd, n, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 			int out = in < 0 ? -1 : openat(dfd, n, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-			char buf[65536];
+			static char buf[65536]; /* not on the stack: this recurses (the agent is
+						   single-threaded) */
 			ssize_t r = 0;
 			while (out >= 0 && (r = read(in, buf, sizeof(buf))) > 0)
 				if (write(out, buf, (size_t)r) != r) {
@@ -522,6 +527,23 @@ static int copy_tree(int sfd, int dfd, int depth)
 	return rc;
 }
 
+static bool dir_is_empty(int fd)
+{
+	int d2 = dup(fd);
+	DIR *d = d2 < 0 ? NULL : fdopendir(d2);
+	if (!d) {
+		if (d2 >= 0)
+			close(d2);
+		return false;
+	}
+	bool empty = true;
+	struct dirent *e;
+	while (empty && (e = readdir(d)))
+		empty = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+	closedir(d);
+	return empty;
+}
+
 /* Copy-up for a named volume mounted for the first time: the image's files at dst go into
  * the volume (mounted at a hidden place first), as docker fills an empty volume. */
 static int copy_up(const char *src, const char *dst, const char *type, const char *data)
@@ -533,7 +555,9 @@ static int copy_up(const char *src, const char *dst, const char *type, const cha
 	int rc = -1, dfd = -1;
 	if (mkdir_p(hidden) == 0 && mount(src, hidden, type, 0, data) == 0) {
 		dfd = open(hidden, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		rc = dfd < 0 ? -1 : copy_tree(sfd, dfd, 0);
+		/* docker's rule: only an empty volume is filled (a copy cut short before is not
+		 * redone over itself) */
+		rc = dfd < 0 ? -1 : dir_is_empty(dfd) ? copy_tree(sfd, dfd, 0) : 0;
 		int e = errno;
 		if (dfd >= 0)
 			close(dfd);
