@@ -142,6 +142,22 @@ class Home:
         return self.blobs / hexpart
 
 
+def lock_held(path: Path, *, by_any: bool) -> bool:
+    """Whether someone holds an flock on ``path`` (a missing file: no): ``by_any`` counts
+    shared holders too, else only an exclusive one. Probes without waiting or creating."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if by_any else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing) for the duration of the block.

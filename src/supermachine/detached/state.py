@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UsageError, VMError
-from ..home import Home, atomic_write_bytes
+from ..home import Home, atomic_write_bytes, lock_held
 
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}\Z")
 MAX_STATE = 1 << 20  # state.json is ours, but a corrupt one must not be read unbounded
@@ -184,17 +184,7 @@ class VMDir:
 
     def alive(self) -> bool:
         """True while a supervisor holds the lock (flock dies with its holder)."""
-        try:
-            fd = os.open(self.lock, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return lock_held(self.lock, by_any=False)
 
     def state_now(self) -> VMState:
         return VMState(self.read(), self.alive())

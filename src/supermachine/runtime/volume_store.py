@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Error, UsageError
-from ..home import Home, atomic_write_bytes
+from ..home import Home, atomic_write_bytes, lock_held
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _MAX_RECORD = 64 << 10
@@ -69,17 +69,7 @@ class Volume:
         atomic_write_bytes(self.path / "volume.json", json.dumps(rec).encode(), 0o600)
 
     def in_use(self) -> bool:
-        try:
-            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return lock_held(self.path / "lock", by_any=True)
 
     def holder(self) -> str:
         try:
