@@ -16,15 +16,17 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .interrupts import INTERRUPTS
+
+    # First, before any other import, for every command (`--version` too, so that its time
+    # is the time until a signal is ours): Ctrl-C after this never prints a traceback.
+    INTERRUPTS.install()
     args = sys.argv[1:] if argv is None else list(argv)
     if args == ["--version"]:  # asked by scripts and health checks: no parser, no imports
         from .. import __version__
 
         print(f"supermachine {__version__}")
         return 0
-    from .interrupts import INTERRUPTS
-
-    INTERRUPTS.install()  # first: Ctrl-C during the imports below must not print a traceback
     from .app import main as run_command
 
     return run_command(args)
