@@ -211,6 +211,56 @@ def test_named_volume_persists_across_vms_with_copy_up(home, cli, busybox):
     assert name not in cli("volume", "ls").stdout.decode()
 
 
+def test_a_sized_volume_caps_writes_persists_and_holds_read_only(home, cli, busybox):
+    name, other = ("e2e-cap-" + os.urandom(3).hex() for _ in range(2))
+    try:
+        assert cli("volume", "create", "--size", "32m", name).returncode == 0
+        assert cli("volume", "create", "--size", "16m", other).returncode == 0
+        (info,) = json.loads(cli("volume", "inspect", name).stdout)
+        assert (info["Driver"], info["Size"]) == ("ext4-image", 32 << 20)
+        row = [ln for ln in cli("volume", "ls").stdout.decode().splitlines()
+               if ln.startswith(name)]
+        assert row and "33.6 MB" in row[0], row
+        disk = Path(info["Mountpoint"])
+        with supermachine.VM(busybox, home=home, network="none",
+                             volumes=[f"{name}:/etc", f"{other}:/other"]) as vm:
+            assert vm.restored_from, "a disk volume must not force a cold boot"
+            # copy-up from the image, ownership and modes kept
+            r = _sh(vm, "stat -c '%u:%g %a' /etc/passwd && echo keep > /etc/state && "
+                        "echo safe > /other/f && df -k /other | tail -1")
+            assert r.exit_code == 0 and r.stdout.startswith(b"0:0 644\n"), r
+            other_free = r.stdout.split()[-3]
+            # filling it is the guest's ENOSPC, not the host's disk
+            fill = _sh(vm, "dd if=/dev/zero of=/etc/fill bs=1M count=64")
+            assert fill.exit_code != 0 and b"No space left on device" in fill.stderr, fill
+            # a root guest writing past the disk's end through a device node of its own
+            raw = _sh(vm, "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = sm-disk0 ] "
+                          "&& mknod /tmp/raw b $(tr : ' ' < $d/dev); done; "
+                          "dd if=/dev/zero of=/tmp/raw bs=1M seek=40 count=1")
+            assert raw.exit_code != 0 and b"/tmp/raw" in raw.stderr, raw
+            r = _sh(vm, "cat /other/f && df -k /other | tail -1")
+            assert r.stdout.split()[0] == b"safe" and r.stdout.split()[-3] == other_free
+        st = disk.stat()
+        assert st.st_size == 32 << 20 and st.st_blocks * 512 <= 32 << 20
+        # the next VM sees what the first wrote (it synced as it was closed), not copied again
+        with supermachine.VM(busybox, home=home, network="none",
+                             volumes=[f"{name}:/data"]) as vm:
+            assert _sh(vm, "cat /data/state; rm /data/fill").stdout == b"keep\n"
+            assert _sh(vm, "echo more >> /data/state").exit_code == 0
+        # read-only: the drive is read-only in QEMU, so a root remount does not help
+        with supermachine.VM(busybox, home=home, network="none",
+                             volumes=[f"{name}:/ro:ro"]) as vm:
+            r = _sh(vm, "mount -o remount,rw /ro; echo x > /ro/state; cat /ro/state")
+            assert r.stdout == b"keep\nmore\n", r
+        with supermachine.VM(busybox, home=home, network="none",
+                             volumes=[f"{name}:/v"]) as vm, \
+                pytest.raises(Error, match="cannot be saved as a snapshot"):
+            vm.snapshot("with-a-disk")
+    finally:
+        cli("volume", "rm", name, other)
+    assert not disk.exists()
+
+
 def test_one_writer_at_a_time(home, cli, busybox):
     name = "e2e-lock-" + os.urandom(3).hex()
     try:
@@ -237,7 +287,9 @@ def test_one_writer_at_a_time(home, cli, busybox):
 def test_volume_commands_validate(cli):
     for args, words in ((["volume", "create", "bad name"], b"invalid volume name"),
                         (["volume", "rm", "no-such-volume"], b"no such volume"),
-                        (["volume", "inspect", "no-such-volume"], b"no such volume")):
+                        (["volume", "inspect", "no-such-volume"], b"no such volume"),
+                        (["volume", "create", "--size", "1m", "small"], b"invalid volume size"),
+                        (["volume", "create", "--size", "lots", "odd"], b"invalid size")):
         r = cli(*args)
         assert r.returncode != 0 and len(r.stderr.splitlines()) == 1 and words in r.stderr, \
             (args, r.stderr)

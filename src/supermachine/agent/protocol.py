@@ -95,6 +95,7 @@ class MountFlag(enum.IntFlag):
     REMOUNT = 16
     NOSUID = 32  # nosuid and nodev
     COPYUP = 64  # first copy what the image has at the target into the new mount
+    BLOCK = 128  # the source is a virtio-blk serial: re-probe that disk, mount its device
 
 
 class SetupTag(enum.IntEnum):

@@ -15,6 +15,10 @@ def add_volume(sub) -> None:
                                      "the image has at /path.")
     actions = vol.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a volume")
+    create.add_argument("--size", metavar="SIZE",
+                        help="cap the volume at SIZE (e.g. 512m, 10g): it is then an ext4 disk "
+                             "image, and a guest that fills it gets ENOSPC (default: no cap, "
+                             "a host directory)")
     create.add_argument("name", metavar="NAME")
     actions.add_parser("ls", help="list volumes")
     inspect = actions.add_parser("inspect", help="show volumes as JSON")
@@ -35,15 +39,21 @@ def cmd_volume(args: argparse.Namespace) -> int:
 
     home = home_of(args)
     if args.action == "create":
-        print(store.create(home, store.check_name(args.name)).name)
+        from ..spec import parse_size_bytes
+
+        size = None if args.size is None else parse_size_bytes(args.size)
+        print(store.create(home, store.check_name(args.name), size=size).name)
     elif args.action == "ls":
         import time
 
-        rows = [("NAME", "CREATED", "IN USE")]
+        from ..images.progress import human_size
+
+        rows = [("NAME", "SIZE", "CREATED", "IN USE")]
         for v in store.list_all(home):
             created = time.strftime("%Y-%m-%d %H:%M:%S",
                                     time.localtime(v.record.get("created", 0)))
-            rows.append((v.name, created, "yes" if v.in_use() else ""))
+            size = "-" if v.size is None else human_size(v.size)
+            rows.append((v.name, size, created, "yes" if v.in_use() else ""))
         print_table(rows)
     elif args.action == "inspect":
         import json
@@ -54,7 +64,9 @@ def cmd_volume(args: argparse.Namespace) -> int:
             if v is None:
                 raise UsageError(f"no such volume: {name}")
             rec = v.record
-            out.append({"Name": v.name, "Mountpoint": str(v.data),
+            disk = v.size is not None
+            out.append({"Name": v.name, "Driver": "ext4-image" if disk else "directory",
+                        "Mountpoint": str(v.disk if disk else v.data), "Size": v.size,
                         "CreatedAt": rec.get("created"), "Populated": v.populated,
                         "InUse": v.in_use()})
         print(json.dumps(out, indent=2))

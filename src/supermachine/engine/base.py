@@ -30,6 +30,17 @@ class Share:
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A raw disk image the guest sees as a virtio-blk device with serial ``serial`` (a
+    size-capped named volume: an ext4 image). ``path`` None: an empty slot (a zero-sized
+    null device), so that every machine has the same devices."""
+
+    serial: str
+    path: Path | None = None
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     kernel: Path
     initrd: Path
@@ -60,6 +71,9 @@ class MachineConfig:
     # unused slots export an empty read-only directory. Only the devices are part of the
     # machine; which directories they export is not (each launch names its own).
     shares: tuple[Share, ...] = ()
+    # Disk images (size-capped named volumes), slots like the shares: every machine has the
+    # same number; a restored guest re-probes a slot before mounting it (its size changed).
+    disks: tuple[Disk, ...] = ()
     # A machine with shares runs QEMU with this LD_PRELOAD guard (engine/fsguard.c); one
     # without it is refused (fail closed).
     fsguard: Path | None = None

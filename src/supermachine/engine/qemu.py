@@ -43,7 +43,7 @@ PR_CAPBSET_DROP = 24
 DROPPED_CAPS = (4, 9, 27, 31)
 #: bump whenever build_command changes the machine's devices or options: snapshots made
 #: with another layout must not be restored (the version is part of their fingerprint)
-MACHINE_LAYOUT = 3
+MACHINE_LAYOUT = 4
 CONSOLE_KEEP = 64 * 1024  # bytes of console output kept for error messages
 
 
@@ -119,6 +119,15 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
                           f"security_model={share.model},"
                           f"readonly={'on' if share.readonly else 'off'}",
                 "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={share.tag}"]
+    for i, disk in enumerate(config.disks):
+        # The empty slot is writable: a restored device must offer every feature the bake's
+        # guest accepted, and a writable one offers all a read-only one does but "RO".
+        backing = ("driver=null-co,size=0,read-zeroes=on" if disk.path is None else
+                   f"format=raw,file={_qemu_opt(str(disk.path))}")
+        readonly = "on" if disk.path is not None and disk.readonly else "off"
+        # The image's size is the volume's cap: QEMU refuses I/O beyond it.
+        cmd += ["-drive", f"id=disk{i},if=none,{backing},readonly={readonly},discard=unmap",
+                "-device", f"virtio-blk-device,drive=disk{i},serial={disk.serial}"]
     if config.memory_file is not None:
         share = "on" if config.memory_shared else "off"
         cmd += ["-object", f"memory-backend-file,id=mem,size={mem},"

@@ -64,7 +64,8 @@ class Recipe:
         network = self.config.network
         if network is not None:
             network = dataclasses.replace(network, ports=())
-        return dataclasses.replace(self.config, network=network, shares=self.volumes.blank)
+        return dataclasses.replace(self.config, network=network, shares=self.volumes.blank,
+                                   disks=volumes.empty_disks())
 
 
 def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
@@ -101,13 +102,13 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
         notice(accel.reason)
     engine = default_engine()
     network, guard = _network(spec, image, engine, home)
-    if vols.uses_shares and assets.kind == "debian":
-        raise UsageError("host directories need the supermachine kernel (Debian's cloud "
-                         "kernel has no 9p); build it with `supermachine kernel build`")
+    if vols.uses_host_storage and assets.kind == "debian":
+        raise UsageError("volumes need the supermachine kernel (Debian's cloud kernel has no "
+                         "9p or ext4 built in); build it with `supermachine kernel build`")
     config = MachineConfig(
         kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline, rootfs=rootfs,
         memory_mib=spec.memory_mib, cpus=spec.cpus, accel=accel.name, verbose=verbose,
-        network=network, shares=vols.shares,
+        network=network, shares=vols.shares, disks=vols.disks,
         fsguard=ensure_guard("fsguard", home.guest), **guard)
     key = SnapshotKey(
         guest=assets.fingerprint, image=image.config_digest,

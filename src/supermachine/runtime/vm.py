@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 __all__ = ["VM", "ExecResult", "ExitStatus", "Process"]
 
 DEFAULT_BOOT_TIMEOUT = 120.0  # TCG on a loaded 2-core machine can be slow; KVM takes <1 s
+#: how long a VM with a read-write volume disk gets to write back and power off when closed
+SYNC_PATIENCE = 10.0
 
 
 def _boot_failure_summary(console: str) -> str:
@@ -276,6 +278,8 @@ class VM:
         stack.callback(self._threads.join)  # runs last: the machine is dead by then
         stack.callback(machine.kill)
         stack.callback(client.close)
+        if self.recipe is not None and self.recipe.volumes.writes_disks:
+            stack.callback(self._power_off, machine, client)
         self._threads.start(self._watch, machine, client, name="watch")
 
     @staticmethod
@@ -283,6 +287,17 @@ class VM:
         # Wake every waiter promptly when QEMU goes away instead of letting them time out.
         status = machine.wait()
         client.fail(f"the VM exited unexpectedly (QEMU exit status {status})")
+
+    @staticmethod
+    def _power_off(machine, client: AgentClient) -> None:
+        """Let the guest write back what it cached for its volumes' disks (ext4) and power
+        off; killed anyway after SYNC_PATIENCE (a killed guest's volume is consistent, through
+        its journal, but misses its last writes). Ctrl-C skips this (`kill_now`)."""
+        if machine.wait(timeout=0) is not None:
+            return
+        with contextlib.suppress(AgentError):
+            client.shutdown()
+            machine.wait(timeout=SYNC_PATIENCE)
 
     def close(self) -> None:
         """Destroy the VM and release everything it holds. Idempotent."""
@@ -314,10 +329,10 @@ class VM:
         if machine is None or recipe is None or not self.running:
             raise VMError("the VM is not running")
         snapshot_mod.check_name(name)
-        if recipe.volumes.uses_shares:
-            raise SnapshotError("a VM with host directories mounted cannot be saved as a "
-                                "snapshot (QEMU cannot save a mounted 9p share, and the "
-                                "snapshot would not hold their files); snapshot a VM "
+        if recipe.volumes.uses_host_storage:
+            raise SnapshotError("a VM with host directories or volumes mounted cannot be "
+                                "saved as a snapshot (QEMU cannot save a mounted 9p share, "
+                                "and the snapshot would not hold their files); snapshot a VM "
                                 "without -v/--mount and mount them when you run it")
         def bake(mem: Path, state: Path) -> None:
             # RAM of a running VM is not in a shared file: save a full stream, load it into

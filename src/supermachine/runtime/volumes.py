@@ -11,6 +11,11 @@ A single host file is shared through a directory of its own holding a hard link 
 guest mounts that directory out of sight and bind-mounts the file onto the target), so the
 guest never sees the file's neighbours. Read-only shares are read-only in QEMU too
 (``readonly=on``): a guest root that remounts them read-write still cannot write.
+
+A named volume with a size cap is an ext4 image on one of `spec.MAX_SHARES` disk slots
+(engine `Disk`s) instead, the same way: unused slots are zero-sized null devices, the
+restored QEMU attaches this VM's images, and the guest re-probes the slot (so it sees the
+image's size and read-only flag, not those of the bake) before it mounts it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent.protocol import MountFlag
-from ..engine.base import Share
+from ..engine.base import Disk, Share
 from ..errors import UsageError
 from ..home import Home
 from ..spec import MAX_SHARES, Mount, VMSpec
@@ -39,6 +44,9 @@ FILE_SHARES = "/run/supermachine/files"
 #: mmap, which cache=none refuses for shared writable mappings (SQLite's WAL, LMDB); 512 KiB
 #: messages
 NINEP = "trans=virtio,version=9p2000.L,cache=mmap,msize=524288"
+#: ext4 read-only: "noload" mounts an image whose writer was killed mid-write (its journal
+#: not replayed: the read-only device could not take the replay)
+EXT4_READONLY = "noload"
 
 
 @dataclass(frozen=True)
@@ -77,10 +85,17 @@ class VolumePlan:
     mounts: tuple[GuestMount, ...]  # in order: parents before children, read-only root last
     files: tuple[HostFile, ...]
     named: tuple[NamedVolume, ...] = ()
+    disks: tuple[Disk, ...] = ()  # every disk slot, used or not
 
     @property
-    def uses_shares(self) -> bool:
-        return any(m.fstype == "9p" for m in self.mounts)
+    def uses_host_storage(self) -> bool:
+        """Whether the guest mounts anything of the host's (a share or a volume's disk)."""
+        return any(m.fstype == "9p" or m.flags & MountFlag.BLOCK for m in self.mounts)
+
+    @property
+    def writes_disks(self) -> bool:
+        """Whether a disk is mounted read-write: the guest must sync before it is stopped."""
+        return any(d.path is not None and not d.readonly for d in self.disks)
 
 
 def tag(slot: int) -> str:
@@ -103,15 +118,24 @@ def empty_shares(home: Home) -> tuple[Share, ...]:
     return tuple(Share(tag(i), empty, True) for i in range(MAX_SHARES))
 
 
+def serial(slot: int) -> str:
+    return f"sm-disk{slot}"
+
+
+def empty_disks() -> tuple[Disk, ...]:
+    return tuple(Disk(serial(i)) for i in range(MAX_SHARES))
+
+
 def plan(spec: VMSpec, home: Home) -> VolumePlan:
     """The shares and guest mount steps for ``spec``'s mounts (checked here: sources exist
     and are directories or regular files, volume names are valid)."""
     blank = empty_shares(home)
     shares = list(blank)
+    disks = list(empty_disks())
     mounts: list[GuestMount] = []
     files: list[HostFile] = []
     named: list[NamedVolume] = []
-    slot = 0
+    slot = disk = 0
     for m in sorted(spec.mounts, key=lambda m: m.target.count("/")):
         ro = MountFlag.RDONLY if m.readonly else 0
         if m.type == "tmpfs":
@@ -122,8 +146,15 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
         if m.type == "volume":
             v = volume_store.create(home, m.source or "", exist_ok=True)
             named.append(NamedVolume(v, m.readonly))
-            shares[slot] = Share(tag(slot), v.data, m.readonly, "mapped-xattr")
             copyup = MountFlag.COPYUP if not (v.populated or m.readonly) else 0
+            if v.size is not None:
+                disks[disk] = Disk(serial(disk), v.disk, m.readonly)
+                mounts.append(GuestMount(serial(disk), m.target, "ext4",
+                                         EXT4_READONLY if m.readonly else "",
+                                         MountFlag.MKDIR | MountFlag.BLOCK | copyup | ro))
+                disk += 1
+                continue
+            shares[slot] = Share(tag(slot), v.data, m.readonly, "mapped-xattr")
             mounts.append(GuestMount(tag(slot), m.target, "9p", NINEP,
                                      MountFlag.MKDIR | copyup | ro))
             slot += 1
@@ -142,18 +173,21 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
         slot += 1
     if spec.read_only:
         mounts.append(GuestMount("", "/", "", "", MountFlag.REMOUNT | MountFlag.RDONLY))
-    return VolumePlan(tuple(shares), blank, tuple(mounts), tuple(files), tuple(named))
+    return VolumePlan(tuple(shares), blank, tuple(mounts), tuple(files), tuple(named),
+                      tuple(disks))
 
 
 def settle_copy_up(plan_: VolumePlan) -> VolumePlan:
     """``plan_`` without copy-up for volumes filled since it was made (call it once the VM
     holds its volumes' locks: another VM may have filled one meanwhile)."""
-    filled = {str(nv.volume.data) for nv in plan_.named if nv.volume.populated}
+    filled = {str(p) for nv in plan_.named if nv.volume.populated
+              for p in (nv.volume.data, nv.volume.disk)}
     if not filled:
         return plan_
-    by_tag = {s.tag: str(s.path) for s in plan_.shares}
+    by_source = {s.tag: str(s.path) for s in plan_.shares}
+    by_source.update((d.serial, str(d.path)) for d in plan_.disks)
     mounts = tuple(dataclasses.replace(m, flags=m.flags & ~MountFlag.COPYUP)
-                   if by_tag.get(m.source) in filled else m for m in plan_.mounts)
+                   if by_source.get(m.source) in filled else m for m in plan_.mounts)
     return dataclasses.replace(plan_, mounts=mounts)
 
 

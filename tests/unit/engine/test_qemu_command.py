@@ -91,3 +91,23 @@ def test_child_setup_gives_up_when_the_launcher_died_before_prctl():
     # PR_SET_PDEATHSIG): no death signal would ever come, so the child must not run QEMU.
     assert _fork_child_setup(os.getpid()) == 0
     assert _fork_child_setup(os.getpid() + 1_000_000) == 1
+
+
+def test_disk_slots_keep_their_devices_whatever_they_hold():
+    from supermachine.engine.base import Disk
+
+    empty = build_command(config(disks=(Disk("sm-disk0"), Disk("sm-disk1"))), qemu="q",
+                          agent_fd=3, qmp_fd=4, console_fd=5)
+    used = build_command(config(disks=(Disk("sm-disk0", Path("/v/a,b/disk.ext4"), False),
+                                       Disk("sm-disk1", Path("/v/c/disk.ext4"), True))),
+                         qemu="q", agent_fd=3, qmp_fd=4, console_fd=5)
+    # the same devices (a snapshot baked with empty slots restores with images in them)
+    assert opt_values(empty, "-device") == opt_values(used, "-device")
+    assert "virtio-blk-device,drive=disk1,serial=sm-disk1" in opt_values(used, "-device")
+    e0, e1 = opt_values(empty, "-drive")[1:]
+    # empty slots are writable zero-sized null devices: a read-only one would lack a
+    # feature (writes) the restored writable disk's guest would then have to give up
+    assert "driver=null-co,size=0" in e0 and "readonly=off" in e0
+    u0, u1 = opt_values(used, "-drive")[1:]
+    assert "file=/v/a,,b/disk.ext4" in u0 and "readonly=off" in u0  # commas doubled
+    assert "file=/v/c/disk.ext4" in u1 and "readonly=on" in u1

@@ -17,6 +17,7 @@
 #include <sys/signalfd.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -570,6 +571,104 @@ static int copy_up(const char *src, const char *dst, const char *type, const cha
 	return rc;
 }
 
+static int write_text(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = write(fd, text, strlen(text));
+	int e = errno;
+	close(fd);
+	errno = e;
+	return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+static int read_text(const char *path, char *buf, size_t size)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, buf, size - 1);
+	int e = errno;
+	close(fd);
+	errno = e;
+	if (n < 0)
+		return -1;
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+		n--;
+	buf[n] = 0;
+	return 0;
+}
+
+/* The virtio device ("virtioN") of the disk whose virtio-blk serial is `serial`. */
+static int disk_by_serial(const char *serial, char *virtio, size_t size)
+{
+	DIR *d = opendir("/sys/block");
+	if (!d)
+		return -1;
+	int rc = -1;
+	struct dirent *e;
+	while (rc < 0 && (e = readdir(d))) {
+		if (strncmp(e->d_name, "vd", 2))
+			continue;
+		char path[300], value[64], link[256];
+		snprintf(path, sizeof(path), "/sys/block/%.64s/serial", e->d_name);
+		if (read_text(path, value, sizeof(value)) < 0 || strcmp(value, serial))
+			continue;
+		snprintf(path, sizeof(path), "/sys/block/%.64s/device", e->d_name);
+		ssize_t n = readlink(path, link, sizeof(link) - 1);
+		if (n <= 0)
+			continue;
+		link[n] = 0;
+		const char *base = strrchr(link, '/');
+		snprintf(virtio, size, "%.63s", base ? base + 1 : link);
+		rc = 0;
+	}
+	closedir(d);
+	if (rc < 0)
+		errno = ENODEV;
+	return rc;
+}
+
+/* MOUNT_BLOCK: a volume's disk slot. The guest probed the slot when the snapshot was baked
+ * (an empty placeholder then); unbinding and binding the driver probes it again, so the
+ * kernel sees this VM's image: its size and whether it is read-only. Makes a device node
+ * for it at `node` (the workload's /dev is its own business). */
+static int attach_disk(const char *serial, const char *node)
+{
+	static const char drv[] = "/sys/bus/virtio/drivers/virtio_blk";
+	char virtio[64], path[300], dev[32];
+	if (disk_by_serial(serial, virtio, sizeof(virtio)) < 0)
+		return -1;
+	snprintf(path, sizeof(path), "%s/unbind", drv);
+	if (write_text(path, virtio) < 0)
+		return -1;
+	snprintf(path, sizeof(path), "%s/bind", drv);
+	if (write_text(path, virtio) < 0)
+		return -1;
+	DIR *d = NULL;
+	snprintf(path, sizeof(path), "/sys/bus/virtio/devices/%.64s/block", virtio);
+	if (!(d = opendir(path)))
+		return -1;
+	struct dirent *e;
+	int rc = -1;
+	while (rc < 0 && (e = readdir(d))) {
+		unsigned maj, min;
+		char devpath[400];
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(devpath, sizeof(devpath), "%s/%.64s/dev", path, e->d_name);
+		if (read_text(devpath, dev, sizeof(dev)) < 0 || sscanf(dev, "%u:%u", &maj, &min) != 2)
+			continue;
+		unlink(node);
+		rc = mknod(node, S_IFBLK | 0600, makedev(maj, min));
+	}
+	int err = errno;
+	closedir(d);
+	errno = rc < 0 && err == 0 ? ENODEV : err;
+	return rc;
+}
+
 /* A MOUNT session (docs/protocol.md): argv = source, target, fstype, data; MODE = MOUNT_*
  * flags. Done at once; the session ends with EXIT 0 or the error. The host sends these right
  * after HELLO, for volumes: a VM restored from a snapshot baked without any gets them now. */
@@ -581,6 +680,7 @@ static void start_mount(struct agent *a, struct session *s, const struct exec_re
 	}
 	const char *src = r->argv[0], *dst = r->argv[1], *type = r->argv[2], *data = r->argv[3];
 	uint32_t f = r->mode;
+	char node[64];
 	if (f & ~MOUNT_KNOWN) {
 		set_report(s, K_FAILED, EINVAL, "mount: unknown flags 0x%x", f);
 		return;
@@ -612,6 +712,18 @@ static void start_mount(struct agent *a, struct session *s, const struct exec_re
 		if (fd >= 0)
 			close(fd);
 	}
+	if (f & MOUNT_BLOCK) {
+		if (mkdir_p("/run/supermachine") < 0) {
+			set_report(s, K_FAILED, errno, "mount: /run/supermachine: %s", strerror(errno));
+			return;
+		}
+		snprintf(node, sizeof(node), "/run/supermachine/disk-%.32s", src);
+		if (attach_disk(src, node) < 0) {
+			set_report(s, K_FAILED, errno, "mount: disk %.64s: %s", src, strerror(errno));
+			return;
+		}
+		src = node;
+	}
 	if ((f & MOUNT_COPYUP) && copy_up(src, dst, type, data) < 0) {
 		set_report(s, K_FAILED, errno, "copying the image's %.200s into the volume: %s", dst,
 			   strerror(errno));
@@ -626,9 +738,13 @@ static void start_mount(struct agent *a, struct session *s, const struct exec_re
 		flags |= MS_REMOUNT;
 	if (f & MOUNT_NOSUID)
 		flags |= MS_NOSUID | MS_NODEV;
-	if (mount(src[0] ? src : NULL, dst, type[0] ? type : NULL, flags, data[0] ? data : NULL) <
-	    0) {
-		set_report(s, K_FAILED, errno, "mount %.100s on %.200s: %s", src, dst, strerror(errno));
+	int mounted = mount(src[0] ? src : NULL, dst, type[0] ? type : NULL, flags,
+			    data[0] ? data : NULL);
+	int err = errno;
+	if (f & MOUNT_BLOCK)
+		unlink(node); /* the mount holds the disk; no node is left for anyone to find */
+	if (mounted < 0) {
+		set_report(s, K_FAILED, err, "mount %.100s on %.200s: %s", src, dst, strerror(err));
 		return;
 	}
 	/* A bind mount takes read-only only from a remount of the new mount. */
