@@ -317,8 +317,9 @@ def parse_env_file(text: str, caller_env: Mapping[str, str] | None = None,
 
 MOUNT_TYPES = ("bind", "volume", "tmpfs")
 MAX_MOUNTS = 32
-#: host directories and named volumes a VM can have at once: one virtio-9p device each,
-#: present in every machine (see engine/base.py `Share`)
+#: host directories and named volumes a VM can have at once: one virtio-9p device each, or
+#: for a size-capped volume one virtio-blk disk, present in every machine (see
+#: engine/base.py `Share` and `Disk`)
 MAX_SHARES = 4
 _VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 

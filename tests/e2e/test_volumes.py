@@ -328,14 +328,21 @@ def test_an_unprivileged_user_mounts_directories_and_volumes(busybox, nobody_hom
     work = nobody_home / "work"
     work.mkdir()
     os.chown(work, 65534, 65534)
+    as_nobody = ["runuser", "-u", "nobody", "--", "env", f"SUPERMACHINE_HOME={nobody_home}",
+                 f"HOME={nobody_home}", "PATH=/usr/bin:/bin", sys.executable, "-m",
+                 "supermachine"]
+    # (mke2fs is in /sbin, off an ordinary user's PATH)
+    made = subprocess.run([*as_nobody, "volume", "create", "--size", "16m", "nobody-cap"],
+                          capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr
     r = subprocess.run(
-        ["runuser", "-u", "nobody", "--", "env", f"SUPERMACHINE_HOME={nobody_home}",
-         f"HOME={nobody_home}", sys.executable, "-m", "supermachine", "run", "--network",
-         "none", "-v", f"{work}:/work", "-v", "nobody-vol:/v", "--tmpfs", "/t", str(busybox),
-         "sh", "-c", "echo hi > /work/f && echo v > /v/f && cat /v/f && id -u"],
+        [*as_nobody, "run", "--network", "none", "-v", f"{work}:/work", "-v", "nobody-vol:/v",
+         "-v", "nobody-cap:/c", "--tmpfs", "/t", str(busybox),
+         "sh", "-c", "echo hi > /work/f && echo v > /v/f && cat /v/f && echo c > /c/f && "
+                     "cat /c/f && id -u"],
         capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == b"v\n0\n"
+    assert r.stdout == b"v\nc\n0\n"
     st = (work / "f").stat()
     assert (st.st_uid, (work / "f").read_text()) == (65534, "hi\n")  # the user's, not root's
 

@@ -259,8 +259,11 @@ class VM:
             raise VMError(f"the VM failed to {what}: {summary}") from None
         if personal:
             try:
+                t0 = time.monotonic()
                 client.mount([(m.source, m.target, m.fstype, m.data, m.flags)
                               for m in self.recipe.volumes.mounts])
+                if self.recipe.volumes.mounts:
+                    log.debug("mounts in %.0f ms", (time.monotonic() - t0) * 1000)
                 for nv in self.recipe.volumes.named:  # the image's files are in it now
                     if not nv.readonly and not nv.volume.populated:
                         nv.volume.mark_populated()
