@@ -15,6 +15,8 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev
   busybox-static skopeo umoci mmdebstrap docker-registry erofs-utils cpio zstd
   apache2-utils openssl kmod passt util-linux procps lz4 binutils
+  # size-capped volumes (volume create --size: mke2fs, debugfs)
+  e2fsprogs
   # the docker-behaviour oracle in the tests (podman with runc) and the peers in bench/
   podman runc runsc
   # building the guest kernel from source (supermachine kernel build)
