@@ -17,6 +17,8 @@ APT_PACKAGES=(
   apache2-utils openssl kmod passt util-linux procps lz4 binutils
   # size-capped volumes (volume create --size: mke2fs, debugfs)
   e2fsprogs
+  # the VMM's jail (engine/jail.py)
+  bubblewrap
   # the docker-behaviour oracle in the tests (podman with runc) and the peers in bench/
   podman runc runsc
   # building the guest kernel from source (supermachine kernel build)

@@ -437,9 +437,28 @@ def bench_volumes(r: dict[str, Any]) -> list[Table]:
     ]
 
 
+def bench_jail(r: dict[str, Any]) -> list[Table]:
+    rows = []
+    for name, label in (("restore_to_first_exec", "restore -> first exec result"),
+                        ("cold_run_no_snapshot", "cold `run --no-snapshot true` (CLI)")):
+        off, on = r["paths"][name]["off"], r["paths"][name]["required"]
+        rows.append([label, str(off["n"]), fmt_s(off["median"]), fmt_s(on["median"]),
+                     f"{(on['median'] - off['median']) * 1000:+.1f} ms",
+                     fmt_x(on["median"] / off["median"]),
+                     "yes" if r["within_target"][name] else "no"])
+    who = "root (no user namespace)" if r["root"] else "an ordinary user (user namespace)"
+    return [Table(f"QEMU in its jail against without, interleaved, medians, run by {who} "
+                  f"(target: at most {r['target_ms']:g} ms or "
+                  f"{(r['target_ratio'] - 1) * 100:.0f} %, whichever is larger)",
+                  ["path", "n", "unconfined", "confined", "cost", "ratio", "within target"],
+                  rows, [f"bubblewrap alone (the same namespaces, running true): "
+                         f"{fmt_s(r['bare_jail']['median'])} median of "
+                         f"{r['bare_jail']['n']}."])]
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
     "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
     "bench_cli": bench_cli, "bench_previous": bench_previous, "bench_kernel": bench_kernel,
-    "bench_volumes": bench_volumes,
+    "bench_volumes": bench_volumes, "bench_jail": bench_jail,
 }

@@ -159,11 +159,19 @@ def volumes_results() -> dict[str, Any]:
                       "one_sized_volume": summ(0.05)}}
 
 
+def jail_results() -> dict[str, Any]:
+    paths = {"restore_to_first_exec": {"off": summ(0.30), "required": summ(0.305)},
+             "cold_run_no_snapshot": {"off": summ(1.6), "required": summ(1.61)}}
+    return {"reps": 20, "cold_reps": 5, "root": True, "paths": paths, "bare_jail": summ(0.004),
+            "target_ms": 10.0, "target_ratio": 1.05,
+            "within_target": {"restore_to_first_exec": True, "cold_run_no_snapshot": True}}
+
+
 FACTORIES = {"bench_run": run_results, "bench_pull": pull_results, "bench_exec": exec_results,
              "bench_snapshot": snapshot_results, "bench_net": net_results,
              "bench_peers": peers_results, "bench_cli": cli_results,
              "bench_previous": previous_results, "bench_kernel": kernel_results,
-             "bench_volumes": volumes_results}
+             "bench_volumes": volumes_results, "bench_jail": jail_results}
 
 README = """# Benchmarks
 

@@ -10,6 +10,7 @@ cap on disk, and `supermachine logs` shows its newest output (docker's json-file
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from ..errors import UsageError
@@ -58,3 +59,40 @@ class LogWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+#: the supervisor's own stderr (`supervisor.log`): its messages, and with --verbose the guest
+#: console and passt's output, which a guest controls
+STDERR_MAX_BYTES = 4 << 20
+
+
+class StderrCap:
+    """Points this process's fd 2 (and so every child's that inherits it) at a pipe, and
+    appends what comes through it to ``path``, rotated at ``max_bytes`` like the output log:
+    a guest flooding its console through `--verbose` holds at most twice that on disk."""
+
+    def __init__(self, path: Path, max_bytes: int = STDERR_MAX_BYTES) -> None:
+        self._writer = LogWriter(path, max_bytes)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.dup2(w, 2)  # the new fd 2 is inheritable; the pipe's own ends are not
+        os.close(w)
+        self._read = r
+        self._thread = threading.Thread(target=self._drain, name="stderr-cap", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while chunk := os.read(self._read, 65536):
+                try:
+                    self._writer.write(chunk)
+                except OSError:  # e.g. disk full: keep draining so no writer blocks
+                    pass
+        finally:
+            os.close(self._read)
+            self._writer.close()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Close our fd 2 and wait (bounded: a child may still hold it) for the rest to be
+        written."""
+        os.close(2)
+        self._thread.join(timeout)

@@ -35,7 +35,7 @@ from ..runtime.threads import ThreadGroup
 from ..spec import VMSpec, WorkloadSpec
 from . import state as detached
 from .client import FrameSocket, socket_path
-from .logfile import DEFAULT_MAX_BYTES, LogWriter
+from .logfile import DEFAULT_MAX_BYTES, LogWriter, StderrCap
 from .protocol import (
     ControlError,
     ExecRequest,
@@ -495,14 +495,19 @@ def main(argv: list[str]) -> int:
     os.set_inheritable(ready_fd, False)
     if os.fork() > 0:
         os._exit(0)  # the launcher waits for this one; the supervisor goes on in the child
+    d = VMDir(path)
+    stderr = StderrCap(d.supervisor_log)  # bounded: console echo and passt write here too
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s")
     try:
-        return Supervisor(VMDir(path), ready_fd).run()
+        return Supervisor(d, ready_fd).run()
     except Exception as e:  # still report something, so `run -d` never waits in vain
         log.exception("supervisor failed")
         with contextlib.suppress(OSError):
             os.write(ready_fd, json.dumps({"error": f"internal error: {e}"}).encode())
         return 1
+    finally:
+        sys.stderr.flush()
+        stderr.close()
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ class MachineConfig:
     # Disk images (size-capped named volumes), slots like the shares: every machine has the
     # same number; a restored guest re-probes a slot before mounting it (its size changed).
     disks: tuple[Disk, ...] = ()
+    # Run the monitor in its jail (engine/jail.py): namespaces of its own, only this
+    # machine's files visible.
+    jail: bool = False
     # A machine with shares runs QEMU with this LD_PRELOAD guard (engine/fsguard.c); one
     # without it is refused (fail closed).
     fsguard: Path | None = None

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from ..errors import EngineError
-from . import net
+from . import jail, net
 from .base import Engine, Machine, MachineConfig
 from .qmp import QMPClient
 
@@ -54,6 +54,32 @@ def qemu_binary() -> str:
         raise EngineError("qemu-system-x86_64 not found; install it (Debian: apt-get install "
                           "qemu-system-x86) or set SUPERMACHINE_QEMU")
     return found
+
+
+def jail_of(config: MachineConfig) -> jail.Jail:
+    """What ``config``'s QEMU needs to see: its boot files and disks read-only, its memory
+    file, writable shares and volume disks read-write, /dev/kvm for hardware acceleration."""
+    readable = [config.kernel, config.initrd, config.rootfs]
+    writable = []
+    for share in config.shares:
+        (readable if share.readonly else writable).append(share.path)
+    if any(not share.readonly for share in config.shares) and config.fsguard is not None:
+        readable.append(config.fsguard)
+    for disk in config.disks:
+        if disk.path is not None:
+            (readable if disk.readonly else writable).append(disk.path)
+    if config.memory_file is not None:
+        # a bake's memory file is made by QEMU: its (private, staging) directory then
+        mem = config.memory_file
+        writable.append(mem if mem.exists() else mem.parent)
+    devices = [Path("/dev/kvm")] if config.accel == "kvm" else []
+    return jail.Jail(tuple(dict.fromkeys(readable)), tuple(dict.fromkeys(writable)),
+                     tuple(devices))
+
+
+def minimal_env() -> dict[str, str]:
+    """The environment of the monitor processes (QEMU, passt): a PATH and nothing else."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
 
 def passt_binary() -> str:
@@ -325,6 +351,10 @@ class QemuMachine(Machine):
         state_file = None
         self._passt: subprocess.Popen | None = None
         self._net_dir: str | None = None
+        # A jailed QEMU runs under bubblewrap: its own PID (and a pidfd, so that a signal
+        # never reaches a reused pid) differ from the process we started.
+        self._qemu_pid: int | None = None
+        self._pidfd: int | None = None
         self.network = config.network
         try:
             net_fd = None
@@ -340,7 +370,10 @@ class QemuMachine(Machine):
                                 state_fd=state_fd, net_fd=net_fd)
             log.debug("qemu command: %s", shlex.join(cmd))
             fds = [s.fileno() for s in passed] + ([state_fd] if state_fd is not None else [])
-            env = None
+            # Only what QEMU needs: no credentials, proxies or tokens of the caller's leak
+            # into the process that parses guest-controlled state.
+            env = minimal_env()
+            preload: dict[str, str] = {}
             if any(not share.readonly for share in config.shares):
                 # Only a writable share lets the guest create anything on the host.
                 guard = str(config.fsguard or "")
@@ -350,7 +383,15 @@ class QemuMachine(Machine):
                     raise EngineError(f"the share guard's path {guard!r} is missing or has a "
                                       "space or colon; use a home (SUPERMACHINE_HOME) "
                                       "without them")
-                env = {**os.environ, "LD_PRELOAD": guard}
+                preload["LD_PRELOAD"] = guard
+            info_r = info_w = None
+            if config.jail:
+                info_r, info_w = os.pipe()
+                fds.append(info_w)
+                cmd = jail.command(cmd, jail_of(config), info_fd=info_w, env=preload)
+                log.debug("jailed: %s", shlex.join(cmd))
+            else:
+                env.update(preload)
             try:
                 self._proc = _spawn(lambda: subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=con_guest.fileno(), env=env,
@@ -358,7 +399,12 @@ class QemuMachine(Machine):
                     preexec_fn=functools.partial(_child_setup, os.getpid()),
                 ))
             except OSError as e:
-                raise EngineError(f"cannot start {qemu}: {e.strerror}") from e
+                raise EngineError(f"cannot start {cmd[0]}: {e.strerror}") from e
+            finally:
+                if info_w is not None:
+                    os.close(info_w)
+            if info_r is not None:
+                self._jailed_pid(info_r, con_host)
             if net_fd is not None:
                 self._start_passt(config.network)
         except BaseException:
@@ -366,9 +412,9 @@ class QemuMachine(Machine):
                 s.close()
             self._stop_passt()
             if getattr(self, "_proc", None) is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self._proc.pid, signal.SIGKILL)
+                self._signal_kill()
                 self._proc.wait()
+            self._close_pidfd()
             self._remove_net_dir()
             raise
         finally:
@@ -458,8 +504,7 @@ class QemuMachine(Machine):
         if self.config.netguard is None or not self.config.netguard_policy:
             raise EngineError("a networked machine needs its network guard; this is a bug")
         # Only what passt needs: no proxies or locale of ours leak into it.
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-               "LD_PRELOAD": str(self.config.netguard),
+        env = {**minimal_env(), "LD_PRELOAD": str(self.config.netguard),
                "SM_NETGUARD": self.config.netguard_policy}
         ours = conn if conn is not None else self._net_connect()
         try:
@@ -500,19 +545,49 @@ class QemuMachine(Machine):
             self.kill()
             raise
 
+    def _jailed_pid(self, info_r: int, con_host: socket.socket) -> None:
+        pid = jail.read_child_pid(info_r)
+        if pid is None:  # bubblewrap gave up before starting QEMU; it said why on stderr
+            self._proc.wait()
+            con_host.settimeout(0.5)
+            try:
+                said = con_host.recv(4096).decode(errors="replace").strip()
+            except OSError:
+                said = ""
+            why = said.splitlines()[-1] if said else f"exit status {self._proc.returncode}"
+            raise EngineError(f"cannot start QEMU in its jail: {why} (set {jail.MODE_ENV}=off "
+                              "to run it without)")
+        self._qemu_pid = pid
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone: its exit status tells the rest
+            self._pidfd = None
+
+    def _signal_kill(self) -> bool:
+        """SIGKILL to QEMU itself (jailed: the jail then exits with it). Signal-safe."""
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:  # not jailed (or its QEMU gone before we could hold it): the jail's end
+                os.kill(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _close_pidfd(self) -> None:
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._qemu_pid if self._qemu_pid is not None else self._proc.pid
 
     def kill_now(self) -> bool:
         # returncode is set once the process is reaped: after that its pid may be reused.
         if self._proc.returncode is not None:
             return False
-        try:
-            os.kill(self._proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return False
-        return True
+        return self._signal_kill()
 
     def _control(self) -> QMPClient:
         self._qmp.handshake()
@@ -591,11 +666,9 @@ class QemuMachine(Machine):
             return
         self._closed = True
         if self._proc.poll() is None:
-            try:
-                os.kill(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._signal_kill()
         self._proc.wait()
+        self._close_pidfd()
         self._stop_passt()
         self._remove_net_dir()
         for closer in (self.agent.close, self._qmp.close, self._console.close):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine import default_engine, net
+from ..engine import default_engine, jail, net
 from ..engine.base import Engine, MachineConfig
 from ..errors import SnapshotError, UsageError
 from ..home import Home
@@ -68,6 +68,21 @@ class Recipe:
                                    disks=volumes.empty_disks())
 
 
+def _jail(notice: Callable[[str], None]) -> bool:
+    """Whether QEMU runs in its jail (engine/jail.py); where it cannot, one notice says why
+    (or, with SUPERMACHINE_JAIL=required, an error)."""
+    mode = jail.mode()
+    if mode == "off":
+        return False
+    why = jail.unavailable()
+    if why is None:
+        return True
+    if mode == "required":
+        raise UsageError(f"QEMU cannot run in its jail: {why}")
+    notice(f"QEMU runs without its jail (namespaces): {why}")
+    return False
+
+
 def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
             notice: Callable[[str], None] = log.info,
             progress: Any = None) -> Recipe:
@@ -101,6 +116,7 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
     if not accel.hardware:
         notice(accel.reason)
     engine = default_engine()
+    jailed = _jail(notice)
     network, guard = _network(spec, image, engine, home)
     if vols.uses_host_storage and assets.kind == "debian":
         raise UsageError("volumes need the supermachine kernel (Debian's cloud kernel has no "
@@ -108,7 +124,7 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
     config = MachineConfig(
         kernel=assets.kernel, initrd=assets.initrd, cmdline=assets.cmdline, rootfs=rootfs,
         memory_mib=spec.memory_mib, cpus=spec.cpus, accel=accel.name, verbose=verbose,
-        network=network, shares=vols.shares, disks=vols.disks,
+        network=network, shares=vols.shares, disks=vols.disks, jail=jailed,
         fsguard=ensure_guard("fsguard", home.guest), **guard)
     key = SnapshotKey(
         guest=assets.fingerprint, image=image.config_digest,

@@ -56,3 +56,30 @@ def test_parse_size(text, size):
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError):
         logfile.parse_size(text)
+
+
+def test_the_supervisor_stderr_is_capped_for_it_and_its_children(tmp_path):
+    """A real process sets the cap up, then floods fd 2 itself and through a child (as the
+    guest console echo and passt do): the file rotates and keeps the newest output."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "supervisor.log"
+    script = f"""
+import os, subprocess, sys
+from pathlib import Path
+from supermachine.detached.logfile import StderrCap
+cap = StderrCap(Path({str(log)!r}), {logfile.MIN_MAX_BYTES})
+for i in range(300):
+    os.write(2, b"%04d" % i * 256 + b"\\n")  # about 300 KiB from this process
+subprocess.run(["sh", "-c", "head -c 300000 /dev/zero | tr '\\\\0' c >&2"], check=True)
+print("the end", file=sys.stderr, flush=True)
+cap.close()
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b""  # nothing reached the original stderr
+    old = logfile.rotated(log)
+    assert log.stat().st_size <= logfile.MIN_MAX_BYTES
+    assert old.stat().st_size <= logfile.MIN_MAX_BYTES
+    assert log.read_bytes().endswith(b"ccthe end\n")  # the newest output, all of it
