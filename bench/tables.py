@@ -456,9 +456,25 @@ def bench_jail(r: dict[str, Any]) -> list[Table]:
                          f"{r['bare_jail']['n']}."])]
 
 
+def bench_hostile(r: dict[str, Any]) -> list[Table]:
+    q = r["quiet"]
+    rows = [["(quiet)", str(q["n"]), fmt_s(q["median"]), fmt_s(q["p99"]), fmt_x(1.0), "-",
+             "-"]]
+    for name, a in r["attacks"].items():
+        lat = a["latency"]
+        rows.append([name, str(lat["n"]), fmt_s(lat["median"]), fmt_s(lat["p99"]),
+                     fmt_x(a["ratio_p50"]), f"{a['hostile_peak_rss'] >> 20} MiB",
+                     f"{a['drained_bytes'] >> 20} MiB" if a["drained_bytes"] else "-"])
+    return [Table(f"a neighbour VM's `exec true` while a hostile VM attacks ({r['seconds']:g} s "
+                  f"each; target p50 ratio <= {r['target_ratio']:g}x)",
+                  ["attack", "execs", "p50", "p99", "ratio (p50)",
+                   f"hostile QEMU peak RSS ({r['hostile_memory_mib']} MiB guest)",
+                   "stdout read by the host"], rows)]
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
     "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
     "bench_cli": bench_cli, "bench_previous": bench_previous, "bench_kernel": bench_kernel,
-    "bench_volumes": bench_volumes, "bench_jail": bench_jail,
+    "bench_volumes": bench_volumes, "bench_jail": bench_jail, "bench_hostile": bench_hostile,
 }

@@ -167,11 +167,21 @@ def jail_results() -> dict[str, Any]:
             "within_target": {"restore_to_first_exec": True, "cold_run_no_snapshot": True}}
 
 
+def hostile_results() -> dict[str, Any]:
+    attack = {"latency": summ(0.03), "ratio_p50": 1.5, "hostile_peak_rss": 300 << 20,
+              "drained_bytes": 0}
+    return {"seconds": 8.0, "target_ratio": 2.0, "hostile_memory_mib": 256,
+            "quiet": summ(0.02), "attacks": {"fork bomb": attack,
+                                             "stdout flood": {**attack,
+                                                              "drained_bytes": 1 << 30}}}
+
+
 FACTORIES = {"bench_run": run_results, "bench_pull": pull_results, "bench_exec": exec_results,
              "bench_snapshot": snapshot_results, "bench_net": net_results,
              "bench_peers": peers_results, "bench_cli": cli_results,
              "bench_previous": previous_results, "bench_kernel": kernel_results,
-             "bench_volumes": volumes_results, "bench_jail": jail_results}
+             "bench_volumes": volumes_results, "bench_jail": jail_results,
+             "bench_hostile": hostile_results}
 
 README = """# Benchmarks
 
