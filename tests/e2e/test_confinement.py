@@ -15,6 +15,9 @@ from supermachine import VM
 from supermachine.errors import EngineError
 from tests.e2e.conftest import run_cli, vm_name
 
+#: the test session's label, which the monitors keep (the suite's leak checks find them by it)
+LABEL = "SUPERMACHINE_TEST_SESSION"
+
 
 def _status(pid: int) -> dict[str, str]:
     out = {}
@@ -71,7 +74,7 @@ def _assert_jailed(pid: int, home: Path) -> None:
 def _assert_confined_qemu(pid: int) -> None:
     # a minimal environment: nothing of the caller's (tokens, proxies) but a PATH; the
     # share guard's LD_PRELOAD where a writable share is mounted; the jail's PWD (/)
-    assert _environ(pid) <= {"PATH", "LD_PRELOAD", "PWD"}, _environ(pid)
+    assert _environ(pid) <= {"PATH", "LD_PRELOAD", "PWD", LABEL}, _environ(pid)
     st = _status(pid)
     assert (st["Seccomp"], st["NoNewPrivs"]) == ("2", "1"), st
     limits = _limits(pid)
@@ -82,7 +85,7 @@ def _assert_confined_qemu(pid: int) -> None:
 
 def _assert_confined_passt(parent: int) -> None:
     (pid,) = _children(parent, "passt")
-    assert _environ(pid) <= {"PATH", "LD_PRELOAD", "SM_NETGUARD"}, _environ(pid)
+    assert _environ(pid) <= {"PATH", "LD_PRELOAD", "SM_NETGUARD", LABEL}, _environ(pid)
     # passt isolates itself: mount namespace of its own (its root an empty directory)
     assert _ns(pid, "mnt") != _ns(os.getpid(), "mnt")
     st = _status(pid)

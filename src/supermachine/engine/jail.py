@@ -116,7 +116,10 @@ def command(argv: list[str], jail: Jail, *, info_fd: int,
     if LD_CACHE.is_file():
         cmd += ["--ro-bind", str(LD_CACHE), str(LD_CACHE)]
     cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-    program = Path(argv[0])
+    # The program by its real path: QEMU finds its modules next to where it believes it is
+    # (a link elsewhere, e.g. a directory of links on PATH, would leave them behind).
+    program = Path(os.path.realpath(argv[0]))
+    argv = [str(program), *argv[1:]]
     readable = list(jail.readable)
     if SYSTEM not in program.parents:
         readable.append(program)  # e.g. SUPERMACHINE_QEMU pointing elsewhere

@@ -77,9 +77,17 @@ def jail_of(config: MachineConfig) -> jail.Jail:
                      tuple(devices))
 
 
+#: kept in the monitors' environment: a label the test suite finds its own QEMU and passt
+#: processes by (its leak checks); it holds no secret
+TEST_SESSION_VAR = "SUPERMACHINE_TEST_SESSION"
+
+
 def minimal_env() -> dict[str, str]:
     """The environment of the monitor processes (QEMU, passt): a PATH and nothing else."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    if TEST_SESSION_VAR in os.environ:
+        env[TEST_SESSION_VAR] = os.environ[TEST_SESSION_VAR][:64]
+    return env
 
 
 def passt_binary() -> str:

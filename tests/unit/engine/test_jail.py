@@ -50,6 +50,13 @@ def test_a_monitor_outside_usr_is_bound_too():
     assert ("/opt/q/qemu", "/opt/q/qemu") in pairs(cmd, "--ro-bind")
 
 
+def test_a_monitor_reached_through_a_link_runs_by_its_real_path(tmp_path):
+    (tmp_path / "qemu").symlink_to("/usr/bin/true")
+    cmd = jail.command([str(tmp_path / "qemu"), "-x"], jail.Jail(), info_fd=3)
+    assert cmd[-2:] == ["/usr/bin/true", "-x"]  # under /usr: nothing more to bind
+    assert str(tmp_path) not in " ".join(cmd)
+
+
 def test_relative_paths_are_refused():
     with pytest.raises(EngineError, match="absolute"):
         jail.command(["/usr/bin/q"], jail.Jail(readable=(Path("rel/x"),)), info_fd=3)
