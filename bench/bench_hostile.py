@@ -5,20 +5,22 @@ In one run, on one warm home: a neighbour VM (busybox, 1 vCPU) answers `exec tru
 loop for a fixed time, first with nothing else running (quiet), then while a hostile VM
 (busybox, 2 vCPUs, root inside) runs each attack in turn, a quiet phase between attacks:
 
-- fork bomb (`:(){ :|:& };:`), memory hog (a shell string doubling without end), filling
-  its tmpfs, flooding its console (/dev/console: the host drains and keeps a bounded tail),
-  flooding its stdout (the host reads it all, as `run` and `logs -f` do), spinning both
-  vCPUs.
+- fork bomb (`bomb() { bomb | bomb & }; bomb`), memory hog (a shell string doubling
+  without end), filling its tmpfs, flooding its console (/dev/console: the host drains
+  and keeps a bounded tail), flooding its stdout (the host reads it all, as `run` and
+  `logs -f` do), spinning both vCPUs.
 
 Reported per attack: the neighbour's exec latency p50 and p99 against the quiet phases
-(target: p50 ratio <= 2), how many execs it completed, and the hostile QEMU's peak RSS
-against its guest RAM (bounded by it plus QEMU's own overhead). All on this 2-core TCG
+(target: p50 ratio <= 2), how many execs it completed, the host CPU time the hostile QEMU
+used meanwhile (evidence that the attack ran), and its peak RSS against its guest RAM
+(bounded by it plus QEMU's own overhead). All on this 2-core TCG
 host: each vCPU is a host thread, so a spinning guest takes host cores, which only cgroup
 CPU limits (not available on this machine's hybrid cgroups) would cap.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import threading
@@ -44,7 +46,7 @@ import supermachine as sm  # noqa: E402
 TARGET_RATIO = 2.0
 HOSTILE_MEMORY_MIB = 256
 ATTACKS = {
-    "fork bomb": [["sh", "-c", ":(){ :|:& };:"]],
+    "fork bomb": [["sh", "-c", "bomb() { bomb | bomb & }; bomb"]],
     "memory hog": [["sh", "-c", "s=0123456789; while :; do s=$s$s; done"]],
     "fill its tmpfs": [["sh", "-c", "mkdir -p /t && mount -t tmpfs tmpfs /t && "
                                     "while :; do cat /dev/zero > /t/f; done"]],
@@ -62,6 +64,11 @@ def latencies(vm: sm.VM, seconds: float) -> list[float]:
         assert vm.exec(["true"], timeout=60).exit_code == 0
         out.append(time.perf_counter() - t0)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int) -> int:
@@ -94,12 +101,15 @@ def attack(image, home, neighbour: sm.VM, commands: list[list[str]], seconds: fl
         reader.start()
         try:
             time.sleep(1.0)  # the attack under way
+            cpu0 = cpu_seconds(hostile.pid)
             lat = latencies(neighbour, seconds)
+            cpu = cpu_seconds(hostile.pid) - cpu0
             peak = rss(hostile.pid)
         finally:
             stop.set()
             reader.join()
-    return {"latency": lat, "hostile_peak_rss": peak, "drained_bytes": drained[0]}
+    return {"latency": lat, "hostile_peak_rss": peak, "drained_bytes": drained[0],
+            "hostile_cpu_s": cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "attacks": {name: {"latency": summary(r["latency"]),
                            "ratio_p50": statistics.median(r["latency"]) / base,
                            "hostile_peak_rss": r["hostile_peak_rss"],
+                           "hostile_cpu_s": r["hostile_cpu_s"],
                            "drained_bytes": r["drained_bytes"]}
                     for name, r in per_attack.items()},
         "samples": {"quiet": quiet, **{k: v["latency"] for k, v in per_attack.items()}},

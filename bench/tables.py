@@ -459,15 +459,16 @@ def bench_jail(r: dict[str, Any]) -> list[Table]:
 def bench_hostile(r: dict[str, Any]) -> list[Table]:
     q = r["quiet"]
     rows = [["(quiet)", str(q["n"]), fmt_s(q["median"]), fmt_s(q["p99"]), fmt_x(1.0), "-",
-             "-"]]
+             "-", "-"]]
     for name, a in r["attacks"].items():
         lat = a["latency"]
         rows.append([name, str(lat["n"]), fmt_s(lat["median"]), fmt_s(lat["p99"]),
-                     fmt_x(a["ratio_p50"]), f"{a['hostile_peak_rss'] >> 20} MiB",
+                     fmt_x(a["ratio_p50"]), f"{a['hostile_cpu_s']:.1f} s",
+                     f"{a['hostile_peak_rss'] >> 20} MiB",
                      f"{a['drained_bytes'] >> 20} MiB" if a["drained_bytes"] else "-"])
     return [Table(f"a neighbour VM's `exec true` while a hostile VM attacks ({r['seconds']:g} s "
                   f"each; target p50 ratio <= {r['target_ratio']:g}x)",
-                  ["attack", "execs", "p50", "p99", "ratio (p50)",
+                  ["attack", "execs", "p50", "p99", "ratio (p50)", "hostile QEMU CPU",
                    f"hostile QEMU peak RSS ({r['hostile_memory_mib']} MiB guest)",
                    "stdout read by the host"], rows)]
 
