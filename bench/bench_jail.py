@@ -65,7 +65,7 @@ def within_target(confined: float, unconfined: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     reps = args.reps or (5 if args.quick else 20)
-    cold_reps = max(3, reps // 4)
+    cold_reps = max(3, reps // 2)
     if jail.unavailable():
         raise SystemExit(f"the jail cannot run here: {jail.unavailable()}")
     info = machine_info()
