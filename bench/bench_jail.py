@@ -2,8 +2,8 @@
 them, in one run, interleaved rep by rep (the order alternating):
 
 - restore -> first exec result through the API (`VM(busybox).start()` + `exec(["true"])`);
-- cold `supermachine run --no-snapshot busybox true`, whole CLI processes, fork to reaped
-  exit;
+- then cold `supermachine run --no-snapshot busybox true`, whole CLI processes, fork to
+  reaped exit;
 - the jail's own start: `bwrap` with the same namespaces running `/usr/bin/true`.
 
 Target: the jail costs at most 10 ms or 5 %, whichever is larger, on both paths.
@@ -64,7 +64,7 @@ def within_target(confined: float, unconfined: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    reps = args.reps or (5 if args.quick else 20)
+    reps = args.reps or (5 if args.quick else 30)
     cold_reps = max(3, reps // 2)
     if jail.unavailable():
         raise SystemExit(f"the jail cannot run here: {jail.unavailable()}")
@@ -77,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     restore: dict[str, list[float]] = {m: [] for m in MODES}
     cold: dict[str, list[float]] = {m: [] for m in MODES}
     bare = [bare_jail() for _ in range(reps)]
+    # one path at a time (a cold boot's minute of CPU load right before a restore
+    # would blur the restore's few milliseconds), the modes interleaved within each
     for rep in range(reps):
         for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
             restore[mode].append(restore_once(image, home, mode))
-            if rep < cold_reps:
-                cold[mode].append(run_timed(
-                    [CLI, "run", "--no-snapshot", "--network", "none", str(image), "true"],
-                    env={**home_env(home), jail.MODE_ENV: mode}).seconds)
+    for rep in range(cold_reps):
+        for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
+            cold[mode].append(run_timed(
+                [CLI, "run", "--no-snapshot", "--network", "none", str(image), "true"],
+                env={**home_env(home), jail.MODE_ENV: mode}).seconds)
     os.environ.pop(jail.MODE_ENV, None)
     paths = {"restore_to_first_exec": restore, "cold_run_no_snapshot": cold}
     results = {
