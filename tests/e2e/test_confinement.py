@@ -140,3 +140,18 @@ def test_the_jail_can_be_turned_off_and_a_bad_setting_is_one_line(home, busybox,
     r = run_cli(home, "run", "--network", "none", str(busybox), "true")
     errors = [ln for ln in r.stderr.decode().splitlines() if "TCG" not in ln]
     assert r.returncode != 0 and len(errors) == 1 and "SUPERMACHINE_JAIL" in errors[0], errors
+
+
+def test_a_jail_that_cannot_start_is_one_line(home, busybox, tmp_path):
+    # A stand-in for bubblewrap on a host that refuses it user namespaces (this machine
+    # allows them, and turning them off would affect everything else running here).
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    r = run_cli(home, "run", "--network", "none", str(busybox), "true",
+                env={"SUPERMACHINE_BWRAP": str(fake)})
+    errors = [ln for ln in r.stderr.decode().splitlines() if "TCG" not in ln]
+    assert r.returncode == 125 and len(errors) == 1, errors
+    assert "cannot start QEMU in its jail: bwrap: No permissions" in errors[0], errors
+    assert "SUPERMACHINE_JAIL=off" in errors[0]

@@ -33,7 +33,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import select
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,8 @@ SYSTEM = Path("/usr")
 SYSTEM_LINKS = ("bin", "sbin", "lib", "lib64", "lib32", "libx32")
 LD_CACHE = Path("/etc/ld.so.cache")
 _MAX_INFO = 4096
+#: how long bubblewrap may take to start the program (it takes milliseconds)
+START_TIMEOUT = 30.0
 #: what root's QEMU keeps: access to files as root had it, nothing else
 ROOT_CAPS = ("CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_CHOWN")
 
@@ -142,12 +146,17 @@ def _checked(path: Path) -> str:
     return str(path)
 
 
-def read_child_pid(fd: int) -> int | None:
+def read_child_pid(fd: int, timeout: float = START_TIMEOUT) -> int | None:
     """The jailed program's host PID from bubblewrap's info fd (closes ``fd``); None when
-    bubblewrap exited before starting it (its error is on its stderr)."""
+    bubblewrap exited before starting it (its error is on its stderr) or did not say within
+    ``timeout`` seconds."""
     data = b""
+    deadline = time.monotonic() + timeout
     try:
         while len(data) < _MAX_INFO:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
             chunk = os.read(fd, _MAX_INFO)
             if not chunk:
                 break

@@ -556,6 +556,8 @@ class QemuMachine(Machine):
     def _jailed_pid(self, info_r: int, con_host: socket.socket) -> None:
         pid = jail.read_child_pid(info_r)
         if pid is None:  # bubblewrap gave up before starting QEMU; it said why on stderr
+            if self._proc.poll() is None:  # or it hangs: it goes
+                os.kill(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
             con_host.settimeout(0.5)
             try:
@@ -578,7 +580,7 @@ class QemuMachine(Machine):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             else:  # not jailed (or its QEMU gone before we could hold it): the jail's end
                 os.kill(self._proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except OSError:  # gone; or (a signal racing kill()) the pidfd closed meanwhile
             return False
         return True
 

@@ -112,3 +112,11 @@ def test_modes(monkeypatch, value, ok):
     else:
         with pytest.raises(EngineError, match="SUPERMACHINE_JAIL"):
             jail.mode()
+
+
+def test_a_jail_that_never_says_is_given_up_on():
+    r, w = os.pipe()
+    try:
+        assert jail.read_child_pid(r, timeout=0.2) is None
+    finally:
+        os.close(w)
