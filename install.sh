@@ -19,6 +19,8 @@ APT_PACKAGES=(
   e2fsprogs
   # the VMM's jail (engine/jail.py)
   bubblewrap
+  # fuzzing the guest agent's parser with libFuzzer under sanitizers (fuzz/guest.sh)
+  clang libclang-rt-14-dev
   # the docker-behaviour oracle in the tests (podman with runc) and the peers in bench/
   podman runc runsc
   # building the guest kernel from source (supermachine kernel build)

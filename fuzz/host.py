@@ -1,0 +1,239 @@
+"""Mutation fuzzing of the host's parsers of untrusted input, with counts (issue 11).
+
+Each target gets valid inputs as seeds, then cases made by mutating them (bytes flipped,
+inserted, deleted, duplicated, spliced with another seed, truncated, random tails), fed to
+the real parser. A parser may only accept an input or refuse it with its own error type;
+any other exception, a hang, or an input it accepts but should not (checked per target) is a
+finding, saved under fuzz/findings/ with the target's name.
+
+Targets (what a hostile guest, image or client controls):
+- agent: the guest->host agent stream, through `agent.protocol.Connection.receive` after
+  the host's HELLO (decoder and session state machine);
+- control: detached VMs' control protocol (`detached.protocol.Decoder` + `parse_json`);
+- manifest: image indexes, manifests and configs (`images.manifest`);
+- layer: layer tars through the bounded tar reader (`images.tarsafe.open_stream`), every
+  member's header and data read.
+
+    .venv/bin/python fuzz/host.py [--cases N] [--seed S] [--target NAME ...] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from supermachine.agent import protocol as ap  # noqa: E402
+from supermachine.detached import protocol as cp  # noqa: E402
+from supermachine.errors import Error  # noqa: E402
+from supermachine.images import manifest, tarsafe  # noqa: E402
+
+NONCE = b"N" * ap.NONCE_SIZE
+MAX_CASE = 1 << 16
+
+
+# ---- targets: seeds and a check that raises on a finding -------------------------------------
+
+def agent_seeds() -> list[bytes]:
+    """Guest frames after its HELLO, for a host that opened session 1."""
+    return [ap.encode_started(1, 42) + ap.encode_frame(ap.FrameType.DATA, 1, b"hi", 1)
+            + ap.encode_exit(1, 0, 0),
+            ap.encode_frame(ap.FrameType.PONG, 0, b"\0" * 8) + ap.encode_error(0, b"bad"),
+            ap.encode_started(1, 7) + ap.encode_frame(ap.FrameType.CREDIT, 1,
+                                                      (4096).to_bytes(4, "little"))
+            + ap.encode_frame(ap.FrameType.EOF, 1, b"", 1) + ap.encode_exit(1, 1, 9, b"x"),
+            ap.encode_guest_hello(NONCE)]
+
+
+def agent_check(data: bytes) -> None:
+    # before the guest's HELLO: the resynchronising decoder
+    try:
+        ap.Connection(NONCE).receive(data)
+    except Error:
+        pass
+    # after it, with a session open: every frame type and the session state machine
+    conn = ap.Connection(NONCE)
+    conn.hello()
+    conn.receive(ap.encode_guest_hello(NONCE))
+    conn.open([b"true"])
+    try:
+        cut = len(data) // 3  # in two pieces, as a socket delivers them
+        conn.receive(data[:cut])
+        conn.receive(data[cut:])
+    except Error:
+        return
+
+
+def control_seeds() -> list[bytes]:
+    k = cp.Kind
+    return [cp.encode_json(k(1), {"argv": ["sh"], "tty": False}),
+            cp.encode_data(k(2), b"stdin bytes") + cp.encode_resize(24, 80)
+            + cp.encode_signal(15),
+            cp.encode_json(k(1), {"a": [1, 2, {"b": None}]}) + cp.encode(k(3))]
+
+
+def control_check(data: bytes) -> None:
+    d = cp.Decoder()
+    try:
+        for frame in d.feed(data):
+            if frame.payload[:1] == b"{":
+                cp.parse_json(frame)
+            if len(frame.payload) == 4:
+                cp.parse_resize(frame)
+    except Error:
+        return
+    assert d.pending <= cp.MAX_PAYLOAD + 8, "the decoder holds more than one frame"
+
+
+def manifest_seeds() -> list[bytes]:
+    digest = "sha256:" + "a" * 64
+    desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest,
+            "size": 1234}
+    man = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+           "config": {**desc, "mediaType": "application/vnd.oci.image.config.v1+json"},
+           "layers": [desc, desc]}
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [{**desc, "mediaType": man["mediaType"],
+                            "platform": {"architecture": "amd64", "os": "linux"}}]}
+    config = {"architecture": "amd64", "os": "linux",
+              "config": {"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sh"], "Cmd": ["-c", "x"],
+                         "WorkingDir": "/w", "User": "1000:1000",
+                         "ExposedPorts": {"80/tcp": {}}, "Labels": {"a": "b"}},
+              "rootfs": {"type": "layers", "diff_ids": [digest]}}
+    return [json.dumps(x).encode() for x in (man, index, config)]
+
+
+def manifest_check(data: bytes) -> None:
+    for parse in (manifest.parse_manifest, manifest.parse_index, manifest.parse_config):
+        try:
+            parse(data)
+        except Error:
+            continue
+
+
+def layer_seeds() -> list[bytes]:
+    out = []
+    for entries in ((("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"), ("bin/", None)),
+                    (("usr/lib/lib.so", b"\x7fELF" + b"\0" * 100), ("a/.wh.b", b""),
+                     ("link", "target"))):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for name, body in entries:
+                info = tarfile.TarInfo(name.rstrip("/"))
+                if body is None:
+                    info.type = tarfile.DIRTYPE
+                    tf.addfile(info)
+                elif isinstance(body, str):
+                    info.type, info.linkname = tarfile.SYMTYPE, body
+                    tf.addfile(info)
+                else:
+                    info.size = len(body)
+                    tf.addfile(info, io.BytesIO(body))
+        out.append(buf.getvalue())
+    return out
+
+
+def layer_check(data: bytes) -> None:
+    try:
+        tf = tarsafe.open_stream(io.BytesIO(data))
+        for member in tf:
+            if member.isfile():
+                f = tf.extractfile(member)
+                if f is not None:
+                    f.read(MAX_CASE)
+    except (Error, tarfile.TarError, EOFError):
+        return
+
+
+TARGETS: dict[str, tuple[Callable[[], list[bytes]], Callable[[bytes], None]]] = {
+    "agent": (agent_seeds, agent_check),
+    "control": (control_seeds, control_check),
+    "manifest": (manifest_seeds, manifest_check),
+    "layer": (layer_seeds, layer_check),
+}
+
+
+# ---- mutation ------------------------------------------------------------------------------
+
+def mutate(rng: random.Random, seeds: list[bytes]) -> bytes:
+    data = bytearray(rng.choice(seeds))
+    for _ in range(rng.randint(1, 8)):
+        op = rng.randrange(8)
+        pos = rng.randrange(len(data) + 1)
+        if op == 0 and data:  # flip a byte
+            data[min(pos, len(data) - 1)] = rng.randrange(256)
+        elif op == 1:  # insert random bytes
+            data[pos:pos] = rng.randbytes(rng.randint(1, 16))
+        elif op == 2 and data:  # delete a run
+            del data[pos:pos + rng.randint(1, 16)]
+        elif op == 3 and data:  # duplicate a run
+            run = data[pos:pos + rng.randint(1, 64)]
+            data[pos:pos] = run * rng.randint(1, 4)
+        elif op == 4:  # splice another seed in
+            other = rng.choice(seeds)
+            data[pos:pos] = other[rng.randrange(len(other) + 1):]
+        elif op == 5:  # truncate
+            del data[pos:]
+        elif op == 6 and len(data) >= 4:  # an interesting 32-bit value
+            at = min(pos, len(data) - 4)
+            data[at:at + 4] = rng.choice((0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
+                                          65535, 65536, 65537)).to_bytes(4, "little")
+        else:  # a random tail
+            data += rng.randbytes(rng.randint(0, 32))
+    return bytes(data[:MAX_CASE])
+
+
+def run(name: str, cases: int, seed: int, findings: Path) -> dict:
+    seeds_of, check = TARGETS[name]
+    seeds = seeds_of()
+    rng = random.Random(f"{name}:{seed}")
+    found, slowest = 0, 0.0
+    t0 = time.perf_counter()
+    for i in range(cases):
+        data = seeds[i] if i < len(seeds) else mutate(rng, seeds)
+        c0 = time.perf_counter()
+        try:
+            check(data)
+        except Exception as e:  # a finding: anything but the parser's own refusal
+            found += 1
+            findings.mkdir(parents=True, exist_ok=True)
+            (findings / f"{name}-{seed}-{i}.bin").write_bytes(data)
+            print(f"{name}: case {i}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+        slowest = max(slowest, time.perf_counter() - c0)
+    wall = time.perf_counter() - t0
+    return {"cases": cases, "findings": found, "wall_s": wall, "cases_per_s": cases / wall,
+            "slowest_case_s": slowest, "seed": seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap_ = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap_.add_argument("--cases", type=int, default=1_000_000)
+    ap_.add_argument("--seed", type=int, default=1)
+    ap_.add_argument("--target", action="append", choices=sorted(TARGETS))
+    ap_.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap_.parse_args(argv)
+    results = {}
+    for name in args.target or list(TARGETS):
+        results[name] = r = run(name, args.cases, args.seed, ROOT / "fuzz" / "findings")
+        print(f"{name}: {r['cases']:,} cases in {r['wall_s']:.0f} s "
+              f"({r['cases_per_s']:,.0f}/s), slowest {r['slowest_case_s'] * 1000:.1f} ms, "
+              f"{r['findings']} findings", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                              time.gmtime()),
+                                        "cpu": os.cpu_count(), "targets": results}, indent=1))
+    return 1 if any(r["findings"] for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
