@@ -361,6 +361,8 @@ def test_host_port_in_use_is_a_clear_error_before_boot(home, busybox, tmp_path, 
     probe.write_text(f"#!/bin/sh\necho \"$@\" >> {ran}\nexit 1\n")
     probe.chmod(0o755)
     monkeypatch.setenv("SUPERMACHINE_QEMU", str(probe))
+    # unjailed: in its jail the probe could not leave its file where the test looks
+    monkeypatch.setenv("SUPERMACHINE_JAIL", "off")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         r = run_cli(home, "run", "-p", f"{port}:80", str(busybox), "true")
