@@ -321,6 +321,12 @@ class _Console:
         return data.decode("utf-8", "replace")
 
     def close(self) -> None:
+        """End the drain (called once QEMU is gone): its thread ends with it."""
+        self._thread.join(timeout=1.0)  # QEMU's end is the socket's EOF: the rest is read
+        if self._thread.is_alive():  # someone else still holds QEMU's end: stop reading
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._thread.join()
         self._sock.close()
 
 
