@@ -39,12 +39,16 @@ runs=$(grep -oE 'stat::number_of_executed_units: [0-9]+' "$log" | grep -oE '[0-9
 cov=$(echo "$last" | grep -oE 'cov: [0-9]+' | grep -oE '[0-9]+')
 ft=$(echo "$last" | grep -oE 'ft: [0-9]+' | grep -oE '[0-9]+')
 corpus=$(echo "$last" | grep -oE 'corp: [0-9]+' | grep -oE '[0-9]+')
+# coverage of the parser itself (the rest of proto.c is not reachable from this target)
+parser=$("$work/fuzz-exec-req" -runs=0 -print_coverage=1 "$work/corpus" 2>&1 |
+         grep -oE 'edges: [0-9]+/[0-9]+ exec_req_parse' | grep -oE '[0-9]+/[0-9]+' || true)
 findings=$(grep -cE 'ERROR: (AddressSanitizer|LeakSanitizer|UndefinedBehaviorSanitizer|libFuzzer)|runtime error|deadly signal' "$log" || true)
 echo "guest EXEC parser: ${runs:-?} runs in ${seconds} s, coverage ${cov:-?} of ${total:-?} edges" \
-     "(${ft:-?} features, corpus ${corpus:-?}), ${findings} findings, libFuzzer exit ${status}"
+     "(exec_req_parse: ${parser:-?}; ${ft:-?} features, corpus ${corpus:-?}), ${findings}" \
+     "findings, libFuzzer exit ${status}"
 if [ -n "$results" ]; then
-  printf '{"target": "guest exec_req_parse", "seconds": %s, "runs": %s, "edges_covered": %s, "edges_total": %s, "features": %s, "corpus": %s, "findings": %s, "exit": %s, "clang": "%s"}\n' \
-    "$seconds" "${runs:-null}" "${cov:-null}" "${total:-null}" "${ft:-null}" "${corpus:-null}" \
+  printf '{"target": "guest exec_req_parse", "seconds": %s, "runs": %s, "edges_covered": %s, "edges_total": %s, "parser_edges": "%s", "features": %s, "corpus": %s, "findings": %s, "exit": %s, "clang": "%s"}\n' \
+    "$seconds" "${runs:-null}" "${cov:-null}" "${total:-null}" "${parser:-?}" "${ft:-null}" "${corpus:-null}" \
     "$findings" "$status" "$(clang --version | head -1)" > "$results"
 fi
 [ "$status" -eq 0 ] && [ "$findings" -eq 0 ] || { tail -30 "$log"; exit 1; }

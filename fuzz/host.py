@@ -15,6 +15,10 @@ Targets (what a hostile guest, image or client controls):
   member's header and data read.
 
     .venv/bin/python fuzz/host.py [--cases N] [--seed S] [--target NAME ...] [--out FILE]
+                                  [--coverage N]
+
+``--coverage N`` also replays each target's first N cases under a line tracer and reports
+the lines of its parser modules they executed, out of all their executable lines.
 """
 
 from __future__ import annotations
@@ -123,11 +127,15 @@ def manifest_check(data: bytes) -> None:
 
 def layer_seeds() -> list[bytes]:
     out = []
-    for entries in ((("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"), ("bin/", None)),
-                    (("usr/lib/lib.so", b"\x7fELF" + b"\0" * 100), ("a/.wh.b", b""),
-                     ("link", "target"))):
+    long = "d/" + "n" * 120 + "/f\u00e9"  # a pax or GNU long-name header
+    for fmt, entries in (
+            (tarfile.PAX_FORMAT, (("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+                                  ("bin/", None))),
+            (tarfile.PAX_FORMAT, (("usr/lib/lib.so", b"\x7fELF" + b"\0" * 100),
+                                  ("a/.wh.b", b""), ("link", "target"), (long, b"x"))),
+            (tarfile.GNU_FORMAT, ((long, b"gnu"), ("l2", "t" * 120)))):
         buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8") as tf:
             for name, body in entries:
                 info = tarfile.TarInfo(name.rstrip("/"))
                 if body is None:
@@ -154,6 +162,19 @@ def layer_check(data: bytes) -> None:
     except (Error, tarfile.TarError, EOFError):
         return
 
+
+#: the parsing code whose lines count as each target's coverage (functions and classes)
+PARSERS = {
+    "agent": (ap.Decoder, ap._parse, ap._text, ap.Connection.receive, ap.Connection._check),
+    "control": (cp.Decoder, cp.parse_json, cp.parse_resize),
+    "manifest": (manifest.load_json, manifest._no_duplicates, manifest._depth_ok,
+                 manifest._str, manifest._int, manifest._str_list, manifest._str_map,
+                 manifest.parse_descriptor, manifest._check_schema, manifest.parse_index,
+                 manifest.sniff_media_type, manifest.parse_manifest, manifest.parse_config),
+    "layer": (tarsafe.BoundedTarInfo, tarsafe.open_stream, tarfile.TarInfo.frombuf,
+              tarfile.TarInfo._proc_member, tarfile.TarInfo._proc_pax,
+              tarfile.TarInfo._proc_gnulong, tarfile.TarFile.next),
+}
 
 TARGETS: dict[str, tuple[Callable[[], list[bytes]], Callable[[bytes], None]]] = {
     "agent": (agent_seeds, agent_check),
@@ -193,6 +214,56 @@ def mutate(rng: random.Random, seeds: list[bytes]) -> bytes:
     return bytes(data[:MAX_CASE])
 
 
+def _code_objects(obj) -> list:
+    if isinstance(obj, type):
+        return [c for v in vars(obj).values() for c in _code_objects(v)]
+    func = getattr(obj, "__func__", obj)
+    code = getattr(func, "__code__", None)
+    return [code] if code is not None else []
+
+
+def _executable_lines(objs) -> dict[str, set[int]]:
+    """filename -> the lines of ``objs``' code (their bodies, nested functions included)."""
+    out: dict[str, set[int]] = {}
+    todo = [c for o in objs for c in _code_objects(o)]
+    while todo:
+        c = todo.pop()
+        out.setdefault(c.co_filename, set()).update(
+            line for _, _, line in c.co_lines() if line is not None and line != c.co_firstlineno)
+        todo.extend(k for k in c.co_consts if hasattr(k, "co_lines"))
+    return out
+
+
+def coverage(name: str, cases: int, seed: int) -> dict[str, str]:
+    """Lines of the target's parsing code run by its first ``cases`` cases (the same cases
+    as `run`), as "covered/executable" per file."""
+    seeds_of, check = TARGETS[name]
+    seeds = seeds_of()
+    lines = _executable_lines(PARSERS[name])
+    hit: dict[str, set[int]] = {f: set() for f in lines}
+
+    def tracer(frame, event, arg):
+        f = frame.f_code.co_filename
+        if f not in hit:
+            return None
+        if event in ("call", "line"):
+            hit[f].add(frame.f_lineno)
+        return tracer
+
+    rng = random.Random(f"{name}:{seed}")
+    sys.settrace(tracer)
+    try:
+        for i in range(cases):
+            data = seeds[i] if i < len(seeds) else mutate(rng, seeds)
+            try:
+                check(data)
+            except Exception:
+                pass
+    finally:
+        sys.settrace(None)
+    return {Path(f).name: f"{len(hit[f] & want)}/{len(want)}" for f, want in lines.items()}
+
+
 def run(name: str, cases: int, seed: int, findings: Path) -> dict:
     seeds_of, check = TARGETS[name]
     seeds = seeds_of()
@@ -221,13 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     ap_.add_argument("--seed", type=int, default=1)
     ap_.add_argument("--target", action="append", choices=sorted(TARGETS))
     ap_.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap_.add_argument("--coverage", type=int, default=0, metavar="N",
+                     help="also measure line coverage over each target's first N cases")
     args = ap_.parse_args(argv)
     results = {}
     for name in args.target or list(TARGETS):
         results[name] = r = run(name, args.cases, args.seed, ROOT / "fuzz" / "findings")
+        if args.coverage:
+            r["coverage_cases"] = args.coverage
+            r["lines_covered"] = coverage(name, args.coverage, args.seed)
         print(f"{name}: {r['cases']:,} cases in {r['wall_s']:.0f} s "
               f"({r['cases_per_s']:,.0f}/s), slowest {r['slowest_case_s'] * 1000:.1f} ms, "
-              f"{r['findings']} findings", flush=True)
+              f"{r['findings']} findings"
+              + (f"; lines covered {r['lines_covered']}" if args.coverage else ""),
+              flush=True)
     if args.out:
         args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                               time.gmtime()),
