@@ -82,6 +82,8 @@ def unavailable() -> str | None:
     started: the launch itself reports anything these miss."""
     if bwrap_binary() is None:
         return "bubblewrap (bwrap) is not installed (Debian: apt-get install bubblewrap)"
+    if os.geteuid() == 0:
+        return None  # root's jail needs no user namespace
     checks = (("/proc/sys/user/max_user_namespaces", "0", "user namespaces are disabled "
                "(user.max_user_namespaces = 0)"),
               ("/proc/sys/kernel/unprivileged_userns_clone", "0", "unprivileged user "

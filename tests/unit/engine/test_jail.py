@@ -120,3 +120,13 @@ def test_a_jail_that_never_says_is_given_up_on():
         assert jail.read_child_pid(r, timeout=0.2) is None
     finally:
         os.close(w)
+
+
+def test_what_keeps_the_jail_away_is_named(monkeypatch):
+    monkeypatch.setenv("SUPERMACHINE_BWRAP", "")
+    monkeypatch.setattr(jail.shutil, "which", lambda name: None)
+    jail.unavailable.cache_clear()
+    try:
+        assert "bubblewrap (bwrap) is not installed" in jail.unavailable()
+    finally:
+        jail.unavailable.cache_clear()
