@@ -583,21 +583,13 @@ static int write_text(const char *path, const char *text)
 	return n == (ssize_t)strlen(text) ? 0 : -1;
 }
 
+/* A sysfs attribute without its trailing newline. */
 static int read_text(const char *path, char *buf, size_t size)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	ssize_t n = read(fd, buf, size - 1);
-	int e = errno;
-	close(fd);
-	errno = e;
-	if (n < 0)
-		return -1;
+	ssize_t n = read_small(path, buf, size);
 	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-		n--;
-	buf[n] = 0;
-	return 0;
+		buf[--n] = 0;
+	return n < 0 ? -1 : 0;
 }
 
 /* The virtio device ("virtioN") of the disk whose virtio-blk serial is `serial`. */

@@ -71,6 +71,8 @@ struct buf {
 uint8_t *buf_reserve(struct buf *b, size_t n);
 int buf_append(struct buf *b, const void *d, size_t n);
 void buf_free(struct buf *b);
+/* Reads a small file (procfs, sysfs) into buf, NUL-terminated; returns the length or -1. */
+ssize_t read_small(const char *path, char *buf, size_t size);
 static inline size_t buf_used(const struct buf *b) { return b->len - b->off; }
 
 /* A parsed EXEC request: strings are NUL-terminated heap copies (bounded by the payload). */
