@@ -467,7 +467,10 @@ def parse_size_bytes(text: str) -> int:
     return n
 
 
-def check_mounts(mounts: Sequence[Mount]) -> None:
+def check_mounts(mounts: Sequence[Mount], *, count_shares: bool = True) -> None:
+    """Bounds and duplicates; ``count_shares``: whether each bind mount and volume needs a
+    share (not with a host directory as the root, where single files are copied in and the
+    volume plan counts what it shares)."""
     if len(mounts) > MAX_MOUNTS:
         raise UsageError(f"too many mounts (at most {MAX_MOUNTS})")
     seen: set[str] = set()
@@ -476,7 +479,7 @@ def check_mounts(mounts: Sequence[Mount]) -> None:
             raise UsageError(f"duplicate mount target {m.target[:64]!r}")
         seen.add(m.target)
     shares = sum(1 for m in mounts if m.type != "tmpfs")
-    if shares > MAX_SHARES:
+    if count_shares and shares > MAX_SHARES:
         raise UsageError(f"too many host directories and volumes ({shares}): a VM has "
                          f"{MAX_SHARES}")
 
@@ -516,6 +519,13 @@ class VMSpec:
     mounts: tuple[Mount, ...] = ()
     #: the image's root filesystem read-only (mounts stay as they are)
     read_only: bool = False
+    #: a host directory that is the VM's root filesystem instead of an image's (an OCI
+    #: bundle's ``root.path``, shared over 9p and written through, read-only with
+    #: ``read_only``); ``image`` then only names it, and gives no process defaults
+    root_dir: str | None = None
+    #: a network namespace (a path like /run/netns/NAME) the VM's network process joins, so
+    #: the VM's traffic leaves through it (an OCI container's network namespace)
+    netns: str | None = None
 
     def __post_init__(self) -> None:
         _text(self.image, "image")
@@ -570,9 +580,16 @@ class VMSpec:
         if len(mounts) > MAX_MOUNTS:
             raise UsageError(f"too many mounts (at most {MAX_MOUNTS})")
         mounts = tuple(m if isinstance(m, Mount) else Mount.from_json(m) for m in mounts)
-        check_mounts(mounts)
+        check_mounts(mounts, count_shares=self.root_dir is None)
         object.__setattr__(self, "mounts", mounts)
         _flag(self.read_only, "read_only")
+        for what, path in (("root directory", self.root_dir), ("network namespace", self.netns)):
+            if _opt_text(path, what) is not None and not path.startswith("/"):
+                raise UsageError(f"the {what} {path[:64]!r} must be an absolute path")
+        if self.root_dir is not None and self.image.startswith("snapshot:"):
+            raise UsageError("a VM with a host directory as its root has no snapshot image")
+        if self.netns is not None and self.network == "none":
+            raise UsageError("network 'none' has no interface: it cannot join a namespace")
 
     @classmethod
     def create(cls, image: str | Any, *, memory: str | int = DEFAULT_MEMORY,
@@ -617,7 +634,7 @@ class VMSpec:
         """The network, with the published ports not yet claimed (host port 0 kept)."""
         return net.Network(mode=self.network, ports=self.forwards,
                            allow_hosts=self.allow_hosts,
-                           allow_host_loopback=self.allow_host_loopback)
+                           allow_host_loopback=self.allow_host_loopback, netns=self.netns)
 
     def replace(self, **changes: Any) -> VMSpec:
         return dataclasses.replace(self, **changes)

@@ -96,6 +96,7 @@ class MountFlag(enum.IntFlag):
     NOSUID = 32  # nosuid and nodev
     COPYUP = 64  # first copy what the image has at the target into the new mount
     BLOCK = 128  # the source is a virtio-blk serial: re-probe that disk, mount its device
+    PIVOT = 256  # the target (a mounted directory) becomes the root (OCI bundles); alone
 
 
 class SetupTag(enum.IntEnum):

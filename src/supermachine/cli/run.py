@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..runtime.vm import VM
 
     if work.tty:
-        from . import terminal
+        from .. import terminal
 
         terminal.require_tty(0)  # before anything boots
     machine = VM(vm_spec, home=home_of(args), verbose=args.verbose or args.debug,

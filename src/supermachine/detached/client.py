@@ -26,6 +26,7 @@ from .protocol import (
     Frame,
     Kind,
     ReadRequest,
+    Request,
     SnapshotRequest,
     StopRequest,
     WriteRequest,
@@ -76,6 +77,11 @@ class FrameSocket:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def release(self) -> None:
+        """Close this process's descriptor only: a forked child that shares the connection
+        keeps it working (close() would shut it down for both)."""
         self.sock.close()
 
 
@@ -165,6 +171,10 @@ class RemoteProcess:
     def close(self) -> None:
         self._conn.close()
 
+    def release(self) -> None:
+        """Let go of the connection in this process only (see FrameSocket.release)."""
+        self._conn.release()
+
 
 def exec_in(d: VMDir, req: ExecRequest) -> RemoteProcess:
     conn = connect(d)
@@ -242,10 +252,15 @@ def request_stop(d: VMDir, timeout: float) -> None:
 
 def request_snapshot(d: VMDir, name: str) -> None:
     """Have the supervisor save its running VM as snapshot ``name`` (waits until saved)."""
+    request(d, SnapshotRequest(name), "snapshot")
+
+
+def request(d: VMDir, req: Request, what: str) -> None:
+    """Send ``req`` and wait until it is done; raises with the owner's error."""
     conn = connect(d)
     try:
-        conn.send(encode_request(SnapshotRequest(name)))
-        _finish(conn, "snapshot")
+        conn.send(encode_request(req))
+        _finish(conn, what)
     finally:
         conn.close()
 

@@ -164,7 +164,27 @@ class SnapshotRequest:
     name: str
 
 
-Request = ExecRequest | ReadRequest | WriteRequest | StopRequest | SnapshotRequest
+@dataclass(frozen=True)
+class StartRequest:
+    """Start the main workload of a VM prepared without it (an OCI container's `start`)."""
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """Send a signal to the main workload."""
+
+    signo: int
+
+
+@dataclass(frozen=True)
+class PauseRequest:
+    """Pause (freeze every vCPU) or resume the VM."""
+
+    pause: bool
+
+
+Request = (ExecRequest | ReadRequest | WriteRequest | StopRequest | SnapshotRequest |
+           StartRequest | SignalRequest | PauseRequest)
 
 
 def encode_request(req: Request) -> bytes:
@@ -179,6 +199,12 @@ def encode_request(req: Request) -> bytes:
         obj = {"op": "write", "path": req.path, "mode": req.mode}
     elif isinstance(req, SnapshotRequest):
         obj = {"op": "snapshot", "name": req.name}
+    elif isinstance(req, StartRequest):
+        obj = {"op": "start"}
+    elif isinstance(req, SignalRequest):
+        obj = {"op": "signal", "signo": req.signo}
+    elif isinstance(req, PauseRequest):
+        obj = {"op": "pause" if req.pause else "resume"}
     else:
         obj = {"op": "stop", "timeout": req.timeout}
     return encode_json(Kind.REQUEST, obj)
@@ -224,7 +250,16 @@ def parse_request(frame: Frame) -> Request:
         if not isinstance(name, str) or not 0 < len(name) <= 128:
             raise ControlError("snapshot request has a malformed name")
         return SnapshotRequest(name)
-    raise ControlError(f"unknown request {op!r}")
+    if op == "start":
+        return StartRequest()
+    if op == "signal":
+        signo = obj.get("signo")
+        if not _is_int(signo) or not 1 <= signo <= 64:
+            raise ControlError("signal request has a malformed signal number")
+        return SignalRequest(signo)
+    if op in ("pause", "resume"):
+        return PauseRequest(op == "pause")
+    raise ControlError(f"unknown request {str(op)[:32]!r}")
 
 
 def _is_int(v: object) -> bool:

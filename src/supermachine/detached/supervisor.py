@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,28 +33,13 @@ from ..home import Home
 from ..runtime.threads import ThreadGroup
 from ..spec import VMSpec, WorkloadSpec
 from . import state as detached
-from .client import FrameSocket, socket_path
 from .logfile import DEFAULT_MAX_BYTES, LogWriter, StderrCap
-from .protocol import (
-    ControlError,
-    ExecRequest,
-    Kind,
-    ReadRequest,
-    SnapshotRequest,
-    StopRequest,
-    WriteRequest,
-    encode_data,
-    encode_json,
-    parse_request,
-    parse_resize,
-    parse_signal,
-)
+from .protocol import Kind, SnapshotRequest, StopRequest, encode_data
+from .server import ControlServer
 from .state import VMDir, VMRecord
 
 log = logging.getLogger("supermachine.detached.supervisor")
 
-MAX_CONNECTIONS = 64
-REQUEST_TIMEOUT = 10.0  # a client must send its request this soon after connecting
 STOP_KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the workload before tearing down
 SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace period
 
@@ -160,9 +144,7 @@ class Supervisor:
         self._done = threading.Event()  # time to tear the VM down
         self._exit: tuple[int, str | None] = (255, None)
         self._stop_signal = signal.SIGTERM
-        self._listener: socket.socket | None = None
-        self._conns: set[FrameSocket] = set()
-        self._conns_lock = threading.Lock()
+        self._server: ControlServer | None = None
         self._threads = ThreadGroup("supervisor")
         self._signalled = False
 
@@ -244,17 +226,10 @@ class Supervisor:
             os.close(fd)
 
     def _teardown(self, record: bool = True) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.d.sock.unlink()
         if self.vm is not None:
             self.vm.close()  # fails every agent waiter: exec handlers end promptly
-        with self._conns_lock:
-            for conn in list(self._conns):
-                conn.close()
+        if self._server is not None:
+            self._server.close()
         self._threads.join(timeout=2.0)
         if not record:
             return
@@ -307,166 +282,15 @@ class Supervisor:
     # -- the control socket
 
     def _serve(self) -> None:
-        dirfd = os.open(self.d.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                self.d.sock.unlink()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.bind(socket_path(dirfd))
-        finally:
-            os.close(dirfd)
-        os.chmod(self.d.sock, 0o600)
-        sock.listen(16)
-        self._listener = sock
-        self._threads.start(self._accept_loop, name="accept")
+        def stop(req: StopRequest) -> None:
+            self._stop(req.timeout)
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._done.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            conn = FrameSocket(sock)
-            with self._conns_lock:
-                if len(self._conns) >= MAX_CONNECTIONS:
-                    busy = True
-                else:
-                    busy = False
-                    self._conns.add(conn)
-            if busy:
-                with contextlib.suppress(OSError):
-                    conn.send(_exit_frame(125, "too many connections to this VM; try again"))
-                conn.close()
-                continue
-            self._threads.start(self._serve_conn, conn, name="conn")
+        def snapshot(req: SnapshotRequest) -> None:
+            self.vm.snapshot(req.name)
 
-    def _serve_conn(self, conn: FrameSocket) -> None:
-        # An exec's input pump reads from ``conn``: it ends when the finally below closes
-        # the connection, and is joined then.
-        with ThreadGroup("conn") as threads:
-            self._handle_conn(conn, threads)
-
-    def _handle_conn(self, conn: FrameSocket, threads: ThreadGroup) -> None:
-        try:
-            conn.sock.settimeout(REQUEST_TIMEOUT)
-            frame = conn.recv()
-            conn.sock.settimeout(None)
-            if frame is None:
-                return
-            req = parse_request(frame)
-            if isinstance(req, ExecRequest):
-                self._exec(conn, req, threads)
-            elif isinstance(req, ReadRequest):
-                self._read(conn, req)
-            elif isinstance(req, WriteRequest):
-                self._write(conn, req)
-            elif isinstance(req, StopRequest):
-                self._stop(req.timeout)
-                conn.send(_exit_frame(0))
-            elif isinstance(req, SnapshotRequest):
-                self.vm.snapshot(req.name)
-                conn.send(_exit_frame(0))
-        except (OSError, ControlError) as e:
-            log.debug("connection ended: %s", e)
-        except Error as e:
-            with contextlib.suppress(OSError):
-                conn.send(_exit_frame(125, str(e)))
-        finally:
-            with self._conns_lock:
-                self._conns.discard(conn)
-            conn.close()
-
-    def _exec(self, conn: FrameSocket, req: ExecRequest, threads: ThreadGroup) -> None:
-        proc = self.vm.spawn(list(req.argv), env=list(req.env), cwd=req.cwd, user=req.user,
-                             stdin=req.stdin, tty=req.tty, winsize=req.winsize)
-        with proc:
-            threads.start(_pump_client_input, conn, proc, name="exec-in")
-            for stream, data in proc:
-                conn.send(encode_data(Kind.STDERR if stream == 2 else Kind.STDOUT, data))
-            status = proc.wait()
-        conn.send(_exit_frame(status.exit_code, status.error))
-
-    def _read(self, conn: FrameSocket, req: ReadRequest) -> None:
-        from ..agent.client import GuestFileError
-
-        class Sink:
-            def write(self, data: bytes) -> int:
-                conn.send(encode_data(Kind.STDOUT, data))
-                return len(data)
-
-        try:
-            self.vm.read_file_to(req.path, Sink())
-        except GuestFileError as e:
-            conn.send(_exit_frame(1, str(e), e.errno))
-            return
-        conn.send(_exit_frame(0))
-
-    def _write(self, conn: FrameSocket, req: WriteRequest) -> None:
-        from ..agent.client import GuestFileError
-
-        try:
-            self.vm.write_file_from(req.path, _ClientInput(conn), mode=req.mode)
-        except GuestFileError as e:
-            conn.send(_exit_frame(1, str(e), e.errno))
-            return
-        conn.send(_exit_frame(0))
-
-
-class _ClientInput:
-    """A file-like reader over a client's STDIN frames, ending at its EOF frame."""
-
-    def __init__(self, conn: FrameSocket) -> None:
-        self._conn = conn
-        self._buf = b""
-        self._eof = False
-
-    def read(self, n: int = -1) -> bytes:
-        while not self._buf and not self._eof:
-            frame = self._conn.recv()
-            if frame is None:
-                raise VMError("the client went away before the end of the file")
-            if frame.kind == Kind.STDIN:
-                self._buf = frame.payload
-            elif frame.kind == Kind.EOF:
-                self._eof = True
-            else:
-                raise ControlError(f"unexpected {frame.kind.name} frame in a file copy")
-        n = len(self._buf) if n < 0 else n
-        data, self._buf = self._buf[:n], self._buf[n:]
-        return data
-
-
-def _pump_client_input(conn: FrameSocket, proc: Any) -> None:
-    """Client frames -> the process; the client going away kills the process."""
-    try:
-        while True:
-            frame = conn.recv()
-            if frame is None:
-                break
-            if frame.kind == Kind.STDIN:
-                proc.write(frame.payload)
-            elif frame.kind == Kind.EOF:
-                proc.close_stdin()
-            elif frame.kind == Kind.RESIZE:
-                proc.resize(*parse_resize(frame))
-            elif frame.kind == Kind.SIGNAL:
-                proc.signal(parse_signal(frame))
-            else:
-                break
-    except (Error, OSError):
-        pass
-    with contextlib.suppress(Error):
-        proc.close()
-
-
-def _exit_frame(code: int, error: str | None = None, err_no: int | None = None) -> bytes:
-    obj: dict[str, object] = {"code": code}
-    if error:
-        obj["error"] = error[:4096]
-    if err_no is not None:
-        obj["errno"] = err_no
-    return encode_json(Kind.EXIT, obj)
+        self._server = ControlServer(self.vm, self.d.path,
+                                     {StopRequest: stop, SnapshotRequest: snapshot})
+        self._server.start()
 
 
 def parse_stop_signal(text: str) -> int:

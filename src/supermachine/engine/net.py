@@ -189,6 +189,8 @@ class Network:
     ports: tuple[PortForward, ...] = ()
     allow_host_loopback: bool = False
     allow_hosts: tuple[str, ...] = field(default=())
+    #: a network namespace (its path) passt runs in: the VM's traffic leaves through it
+    netns: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
+CLONE_NEWNET = 0x40000000
 #: CAP_CHOWN is kept (9p's chown is a no-op in fsguard anyway); these go: CAP_FSETID,
 #: CAP_LINUX_IMMUTABLE, CAP_MKNOD, CAP_SETFCAP
 DROPPED_CAPS = (4, 9, 27, 31)
@@ -189,6 +190,22 @@ def _libc() -> ctypes.CDLL:
 
 #: open files a monitor process may hold (QEMU needs a few dozen; passt a few hundred)
 MAX_OPEN_FILES = 4096
+
+
+def _join_netns(path: str) -> None:
+    """Runs in passt's child before exec: move into the network namespace at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc().setns(fd, CLONE_NEWNET) != 0:
+            os._exit(125)  # Popen would otherwise run passt in the wrong namespace
+    finally:
+        os.close(fd)
+
+
+def _passt_setup(parent: int, netns: str | None) -> None:
+    _child_setup(parent)
+    if netns is not None:
+        _join_netns(netns)
 
 
 def _child_setup(parent: int) -> None:
@@ -529,7 +546,7 @@ class QemuMachine(Machine):
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
                     stderr=None if self.config.verbose else subprocess.DEVNULL,
                     pass_fds=[ours.fileno()],
-                    preexec_fn=functools.partial(_child_setup, os.getpid())))
+                    preexec_fn=functools.partial(_passt_setup, os.getpid(), network.netns)))
             except OSError as e:
                 raise EngineError(f"cannot start passt: {e.strerror}") from e
         finally:

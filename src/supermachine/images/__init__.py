@@ -12,7 +12,7 @@ from typing import Any
 from ..home import Home
 from .model import Image, ImageConfig, Layer
 
-__all__ = ["Image", "ImageConfig", "Layer", "open_image", "ensure_rootfs"]
+__all__ = ["Image", "ImageConfig", "Layer", "open_image", "ensure_rootfs", "empty_image"]
 
 
 def open_image(ref: str, home: Home, *, pull: str = "never", platform: str | None = None,
@@ -38,3 +38,21 @@ def ensure_rootfs(image: Image, home: Home) -> Path:
     from .rootfs import ensure_rootfs as _ensure
 
     return _ensure(image, home)
+
+
+#: the config of `empty_image`: its digest keys the one root filesystem (and automatic
+#: snapshot) that every VM with a host directory as its root starts from
+_EMPTY_CONFIG = b'{"supermachine":"an empty image: the root is a host directory"}'
+
+
+def empty_image(name: str) -> Image:
+    """An image with no layers and no defaults, for a VM whose root filesystem is a host
+    directory (an OCI bundle's): the machine boots on its empty root, then takes the
+    directory as its root (runtime/volumes.py)."""
+    import hashlib
+    import os
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    return Image(source=name, name=name, manifest_digest=None, layers=(), os="linux",
+                 config_digest="sha256:" + hashlib.sha256(_EMPTY_CONFIG).hexdigest(),
+                 config=ImageConfig(), architecture=arch)

@@ -90,7 +90,7 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
     from ..engine.accel import choose
     from ..engine.preload import ensure_guard
     from ..guest.assets import ensure_guest_assets
-    from ..images import ensure_rootfs, open_image
+    from ..images import empty_image, ensure_rootfs, open_image
 
     t0 = time.monotonic()
     vols = volumes.plan(spec, home)  # first: a bad mount fails before anything is pulled
@@ -105,9 +105,12 @@ def prepare(spec: VMSpec, home: Home, *, verbose: bool = False,
         if isinstance(saved_net, list) and saved_net and saved_net[0] in net.MODES:
             changes["network"] = saved_net[0]  # the NIC is part of the saved machine
         spec = spec.replace(**changes)
-    image = open_image(source, home, pull=spec.pull, platform=spec.platform,
-                       insecure_registries=spec.insecure_registries, ca_file=spec.ca_file,
-                       progress=progress)
+    if spec.root_dir is not None:
+        image = empty_image(spec.image)
+    else:
+        image = open_image(source, home, pull=spec.pull, platform=spec.platform,
+                           insecure_registries=spec.insecure_registries, ca_file=spec.ca_file,
+                           progress=progress)
     rootfs = ensure_rootfs(image, home)
     assets = ensure_guest_assets(home, kernel=spec.kernel_choice, initrd=_path(spec.initrd))
     if assets.note:

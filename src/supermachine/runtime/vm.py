@@ -260,6 +260,8 @@ class VM:
         if personal:
             try:
                 t0 = time.monotonic()
+                for copy in self.recipe.volumes.copies:
+                    client.write_file(copy.path, copy.data, mode=copy.mode)
                 client.mount([(m.source, m.target, m.fstype, m.data, m.flags)
                               for m in self.recipe.volumes.mounts])
                 if self.recipe.volumes.mounts:
@@ -309,6 +311,18 @@ class VM:
             stack.close()
         self._client = None
         self._launched = []
+
+    def pause(self) -> None:
+        """Freeze the VM's vCPUs (its memory and devices stay as they are) until `resume`."""
+        self._running_machine().pause()
+
+    def resume(self) -> None:
+        self._running_machine().resume()
+
+    def _running_machine(self):
+        if self._machine is None or not self.running:
+            raise VMError("the VM is not running")
+        return self._machine
 
     def kill_now(self) -> bool:
         """Kill this VM's QEMU processes (a bake's included), launch no more, and return at

@@ -79,6 +79,17 @@ class NamedVolume:
 
 
 @dataclass(frozen=True)
+class FileCopy:
+    """A host file copied into the guest at start (a VM whose root is a host directory:
+    an OCI bundle's single-file mounts, like the engine's /etc/hosts), written to ``path``
+    out of the workload's sight, then bind-mounted onto its target."""
+
+    path: str
+    data: bytes
+    mode: int
+
+
+@dataclass(frozen=True)
 class VolumePlan:
     shares: tuple[Share, ...]  # every slot, used or not
     blank: tuple[Share, ...]  # every slot unused: for helper machines (bakes)
@@ -86,6 +97,7 @@ class VolumePlan:
     files: tuple[HostFile, ...]
     named: tuple[NamedVolume, ...] = ()
     disks: tuple[Disk, ...] = ()  # every disk slot, used or not
+    copies: tuple[FileCopy, ...] = ()  # written into the guest before the mounts
 
     @property
     def uses_host_storage(self) -> bool:
@@ -126,21 +138,43 @@ def empty_disks() -> tuple[Disk, ...]:
     return tuple(Disk(serial(i)) for i in range(MAX_SHARES))
 
 
+#: where the guest mounts a host directory that becomes its root, with the mounts under it
+NEW_ROOT = "/run/supermachine/root"
+#: a single file bind-mounted into a VM with a host directory as its root is copied in
+MAX_COPY = 1 << 20
+MAX_COPIES_TOTAL = 8 << 20
+
+
 def plan(spec: VMSpec, home: Home) -> VolumePlan:
     """The shares and guest mount steps for ``spec``'s mounts (checked here: sources exist
-    and are directories or regular files, volume names are valid)."""
+    and are directories or regular files, volume names are valid).
+
+    With ``spec.root_dir`` the first share is that directory: the guest mounts it at
+    `NEW_ROOT`, makes every mount under it, and then takes it as its root (PIVOT), so the
+    workload sees the directory as ``/``. Single files are then copied in (`FileCopy`)
+    rather than shared: an engine bind-mounts several (/etc/hosts, /etc/resolv.conf,
+    /etc/hostname, ...) and there are only `spec.MAX_SHARES` shares."""
     blank = empty_shares(home)
     shares = list(blank)
     disks = list(empty_disks())
     mounts: list[GuestMount] = []
     files: list[HostFile] = []
     named: list[NamedVolume] = []
+    copies: list[FileCopy] = []
     slot = disk = 0
+    root = ""
+    if spec.root_dir is not None:
+        root = NEW_ROOT
+        root_ro = MountFlag.RDONLY if spec.read_only else 0
+        shares[0] = Share(tag(0), _directory(spec.root_dir, "root directory"), spec.read_only)
+        mounts.append(GuestMount(tag(0), root, "9p", NINEP, MountFlag.MKDIR | root_ro))
+        slot = 1
     for m in sorted(spec.mounts, key=lambda m: m.target.count("/")):
         ro = MountFlag.RDONLY if m.readonly else 0
+        target = root + m.target
         if m.type == "tmpfs":
             data = "mode=1777" + (f",size={m.size}" if m.size else "")
-            mounts.append(GuestMount("tmpfs", m.target, "tmpfs", data,
+            mounts.append(GuestMount("tmpfs", target, "tmpfs", data,
                                      MountFlag.MKDIR | MountFlag.NOSUID | ro))
             continue
         if m.type == "volume":
@@ -149,20 +183,27 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
             copyup = MountFlag.COPYUP if not (v.populated or m.readonly) else 0
             if v.size is not None:
                 disks[disk] = Disk(serial(disk), v.disk, m.readonly)
-                mounts.append(GuestMount(serial(disk), m.target, "ext4",
+                mounts.append(GuestMount(serial(disk), target, "ext4",
                                          EXT4_READONLY if m.readonly else "",
                                          MountFlag.MKDIR | MountFlag.BLOCK | copyup | ro))
                 disk += 1
                 continue
+            _check_slot(slot)
             shares[slot] = Share(tag(slot), v.data, m.readonly, "mapped-xattr")
-            mounts.append(GuestMount(tag(slot), m.target, "9p", NINEP,
+            mounts.append(GuestMount(tag(slot), target, "9p", NINEP,
                                      MountFlag.MKDIR | copyup | ro))
             slot += 1
             continue
         host = _source(m, home)
+        if root and not host.is_dir():
+            copies.append(_copy(host, len(copies)))
+            mounts.append(GuestMount(copies[-1].path, target, "", "",
+                                     MountFlag.MKFILE | MountFlag.BIND | ro))
+            continue
+        _check_slot(slot)
         if host.is_dir():
             shares[slot] = Share(tag(slot), host, m.readonly)
-            mounts.append(GuestMount(tag(slot), m.target, "9p", NINEP, MountFlag.MKDIR | ro))
+            mounts.append(GuestMount(tag(slot), target, "9p", NINEP, MountFlag.MKDIR | ro))
         else:
             hidden = f"{FILE_SHARES}/{slot}"
             shares[slot] = Share(tag(slot), blank[slot].path, m.readonly)  # staged at start
@@ -171,10 +212,47 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
             mounts.append(GuestMount(f"{hidden}/{host.name}", m.target, "", "",
                                      MountFlag.MKFILE | MountFlag.BIND | ro))
         slot += 1
-    if spec.read_only:
+    if root:
+        mounts.append(GuestMount("", root, "", "", MountFlag.PIVOT))
+    elif spec.read_only:
         mounts.append(GuestMount("", "/", "", "", MountFlag.REMOUNT | MountFlag.RDONLY))
+    if sum(len(c.data) for c in copies) > MAX_COPIES_TOTAL:
+        raise UsageError(f"the single files to mount add up to more than "
+                         f"{MAX_COPIES_TOTAL >> 20} MiB")
     return VolumePlan(tuple(shares), blank, tuple(mounts), tuple(files), tuple(named),
-                      tuple(disks))
+                      tuple(disks), tuple(copies))
+
+
+def _check_slot(slot: int) -> None:
+    if slot >= MAX_SHARES:
+        raise UsageError(f"too many host directories and volumes: a VM has {MAX_SHARES} "
+                         "shares, and a host directory as the root takes one")
+
+
+def _directory(path: str, what: str) -> Path:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {path} is not a directory")
+    return Path(os.path.realpath(path))
+
+
+def _copy(host: Path, index: int) -> FileCopy:
+    """A host file read now (at most `MAX_COPY` bytes), to be written into the guest."""
+    try:
+        with open(host, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(MAX_COPY + 1)
+    except OSError as e:
+        raise UsageError(f"bind source {host}: {e.strerror}") from None
+    if len(data) > MAX_COPY:
+        raise UsageError(f"bind source {host} is larger than {MAX_COPY >> 10} KiB: a single "
+                         "file is copied into a VM whose root is a host directory; mount its "
+                         "directory instead")
+    # In the guest's own root, which the PIVOT step leaves behind: out of the workload's sight.
+    return FileCopy(f"/.sm-copy-{index}", data, stat.S_IMODE(st.st_mode))
 
 
 def settle_copy_up(plan_: VolumePlan) -> VolumePlan:

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from supermachine.cli import terminal
+from supermachine import terminal
 from supermachine.detached import protocol as c
 from supermachine.detached.client import FrameSocket, RemoteProcess
 from supermachine.detached.protocol import ControlError, Kind

@@ -661,6 +661,25 @@ static int attach_disk(const char *serial, const char *node)
 	return rc;
 }
 
+/* MOUNT_PIVOT: make `dir` (a directory the host mounted, e.g. an OCI bundle's root shared
+ * over 9p, with the container's mounts already under it) the root of PID 1 and so of every
+ * later session: the guest's own /dev, /proc and /sys (and what is mounted below them) move
+ * into it, then it is moved over / and chrooted into, as the boot does for an image. */
+static int pivot_to(const char *dir)
+{
+	static const char *const moved[] = {"/dev", "/proc", "/sys"};
+	for (size_t i = 0; i < 3; i++) {
+		char dst[4200];
+		snprintf(dst, sizeof(dst), "%s%s", dir, moved[i]);
+		if ((mkdir(dst, 0755) < 0 && errno != EEXIST) ||
+		    mount(moved[i], dst, NULL, MS_MOVE, NULL) < 0)
+			return -1;
+	}
+	if (chdir(dir) < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0)
+		return -1;
+	return chdir("/");
+}
+
 /* A MOUNT session (docs/protocol.md): argv = source, target, fstype, data; MODE = MOUNT_*
  * flags. Done at once; the session ends with EXIT 0 or the error. The host sends these right
  * after HELLO, for volumes: a VM restored from a snapshot baked without any gets them now. */
@@ -679,6 +698,17 @@ static void start_mount(struct agent *a, struct session *s, const struct exec_re
 	}
 	if (dst[0] != '/') {
 		set_report(s, K_FAILED, EINVAL, "mount: %.200s: target must be absolute", dst);
+		return;
+	}
+	if (f & MOUNT_PIVOT) {
+		if (f != MOUNT_PIVOT || pivot_to(dst) < 0) {
+			set_report(s, K_FAILED, f != MOUNT_PIVOT ? EINVAL : errno,
+				   "mount: make %.200s the root: %s", dst,
+				   f != MOUNT_PIVOT ? "no other flag goes with it" : strerror(errno));
+			return;
+		}
+		s->started = true;
+		emit_u32(a, T_STARTED, 0, s->id, 0);
 		return;
 	}
 	if (f & MOUNT_MKDIR) {

@@ -35,7 +35,8 @@ enum op { OP_RUN = 0, OP_READ = 1, OP_WRITE = 2, OP_MOUNT = 3 };
 #define MOUNT_NOSUID 32u /* nosuid, nodev */
 #define MOUNT_COPYUP 64u /* first copy what the image has at the target into the new mount */
 #define MOUNT_BLOCK 128u /* source = a virtio-blk serial: re-probe that disk, mount it */
-#define MOUNT_KNOWN 255u
+#define MOUNT_PIVOT 256u /* target = a mounted directory: it becomes the root (OCI bundles) */
+#define MOUNT_KNOWN 511u
 #define FLAG_STDIN 1u
 #define FLAG_TTY 2u
 #define FLAG_KEEP 4u

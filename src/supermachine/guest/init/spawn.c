@@ -148,10 +148,14 @@ int resolve_user(const char *spec, struct ident *id, char *err, size_t errlen)
 		return EINVAL;
 	}
 	strcpy(user, spec);
-	char *colon = strchr(user, ':');
+	char *colon = strchr(user, ':'), *extra = NULL;
 	if (colon) {
 		*colon = 0;
 		group = colon + 1;
+		/* uid:gid:G1,G2: exactly these supplementary groups (an OCI process's
+		 * additionalGids, resolved by the engine), none when the list is empty */
+		if ((extra = strchr(group, ':')))
+			*extra++ = 0;
 	}
 	if (!user[0] || (group && !group[0])) {
 		snprintf(err, errlen, "user: %s: expected name, uid, name:group or uid:gid", spec);
@@ -178,6 +182,21 @@ int resolve_user(const char *spec, struct ident *id, char *err, size_t errlen)
 	}
 	id->uid = (uid_t)uid;
 	id->gid = (gid_t)gid;
+	if (extra) {
+		for (char *g = strtok(extra, ","); g; g = strtok(NULL, ",")) {
+			unsigned v;
+			if (!parse_id(g, &v) || id->ngroups >= MAX_GROUPS) {
+				snprintf(err, errlen, "user: %.64s: bad supplementary group list", spec);
+				return EINVAL;
+			}
+			id->groups[id->ngroups++] = (gid_t)v;
+		}
+		if (have_pw) {
+			snprintf(id->home, sizeof(id->home), "%s", pw.home);
+			id->have_home = pw.home[0] != 0;
+		}
+		return 0;
+	}
 	id->groups[id->ngroups++] = (gid_t)gid;
 	if (have_pw) {
 		add_member_groups(pw.name, id);

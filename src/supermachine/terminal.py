@@ -21,7 +21,7 @@ import tty
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from ..errors import Error, UsageError
+from .errors import Error, UsageError
 
 
 class Streaming(Protocol):
@@ -68,7 +68,7 @@ def pump(proc: Streaming, *, stdin_fd: int | None, tty_fd: int | None = None,
 
     ``tty_fd``: the terminal whose size is followed (SIGWINCH -> resize), if any.
     """
-    from ..runtime.threads import ThreadGroup
+    from .runtime.threads import ThreadGroup
 
     winch_r, winch_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     old_handler = None

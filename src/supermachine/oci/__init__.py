@@ -1,0 +1,1 @@
+"""An OCI runtime (runc-compatible) whose containers are microVMs: `supermachine-runtime`."""

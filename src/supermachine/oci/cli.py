@@ -1,0 +1,490 @@
+"""`supermachine-runtime`: a runc-compatible OCI runtime whose containers are microVMs.
+
+Engines (podman through conmon, containerd's runc shim, CRI-O, dockerd) call it the way
+they call runc: global flags (``--root``, ``--log``, ``--log-format``, ``--systemd-cgroup``),
+then one of create, start, state, kill, delete, exec, ps, pause, resume, list, features.
+Each call is a short process; the container itself is the process `create` starts
+(oci/shim.py), whose pid goes to ``--pid-file`` and whose exit status is the container's.
+Errors go to stderr and, as runc does, to ``--log`` (JSON lines with ``--log-format json``):
+containerd reports a failed call from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import time
+import tty
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import Error, UsageError
+from . import config as oci_config
+from . import state as st
+
+PROG = "supermachine-runtime"
+#: how long `delete --force` waits for a container process that got SIGTERM
+DELETE_GRACE = 10.0
+
+
+class _Log:
+    """runc's --log: one line per message, text or JSON."""
+
+    def __init__(self, path: str | None, fmt: str) -> None:
+        self.path, self.fmt = path, fmt
+
+    def write(self, level: str, msg: str) -> None:
+        if not self.path:
+            return
+        now = st.rfc3339(time.time())
+        line = json.dumps({"level": level, "msg": msg, "time": now}) if self.fmt == "json" \
+            else f'time="{now}" level={level} msg={json.dumps(msg)}'
+        with contextlib.suppress(OSError):
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def _global_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False, add_help=True,
+                                description="An OCI runtime whose containers are microVMs.")
+    p.add_argument("--root", help="where container state lives")
+    p.add_argument("--log", help="append errors (and --debug messages) to this file")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--systemd-cgroup", action="store_true", help="accepted, no effect (the "
+                   "VM is the container's boundary)")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--rootless", default="auto", help="accepted, no effect")
+    p.add_argument("--criu", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--version", action="store_true")
+    p.add_argument("command", nargs="?")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} {command}", allow_abbrev=False)
+    if command == "create":
+        p.add_argument("--bundle", "-b", default=".")
+        p.add_argument("--pid-file")
+        p.add_argument("--console-socket")
+        p.add_argument("--no-pivot", action="store_true")
+        p.add_argument("--no-new-keyring", action="store_true")
+        p.add_argument("--preserve-fds", type=int, default=0)
+        p.add_argument("--notify-socket")
+    elif command == "exec":
+        p.add_argument("--process", "-p")
+        p.add_argument("--pid-file")
+        p.add_argument("--console-socket")
+        p.add_argument("--detach", "-d", action="store_true")
+        p.add_argument("--tty", "-t", action="store_true")
+        p.add_argument("--cwd")
+        p.add_argument("--env", "-e", action="append", default=[])
+        p.add_argument("--user", "-u")
+        p.add_argument("--preserve-fds", type=int, default=0)
+        p.add_argument("--process-label", help=argparse.SUPPRESS)
+        p.add_argument("--apparmor", help=argparse.SUPPRESS)
+        p.add_argument("--no-new-privs", action="store_true")
+        p.add_argument("--cap", "-c", action="append", default=[])
+        p.add_argument("--ignore-paused", action="store_true")
+    elif command == "kill":
+        p.add_argument("--all", "-a", action="store_true")
+    elif command == "delete":
+        p.add_argument("--force", "-f", action="store_true")
+    elif command in ("ps", "list"):
+        p.add_argument("--format", "-f", choices=("table", "json"), default="table")
+        if command == "list":
+            p.add_argument("--quiet", "-q", action="store_true")
+    if command not in ("list", "features"):
+        p.add_argument("id")
+    if command == "exec":
+        p.add_argument("command", nargs=argparse.REMAINDER)
+    elif command == "kill":
+        p.add_argument("signal", nargs="?", default="SIGTERM")
+    elif command == "ps":
+        p.add_argument("ps_args", nargs=argparse.REMAINDER)
+    return p
+
+
+COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "ps", "pause", "resume",
+            "list", "features")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    g = _global_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if g.version:
+        print(f"{PROG} version {__version__}\nspec: {st.OCI_VERSION}")
+        return 0
+    log = _Log(g.log, g.log_format)
+    if g.command not in COMMANDS:
+        print(f"{PROG}: unknown command {str(g.command)[:32]!r}; one of: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    args = _command_parser(g.command).parse_args(g.args)
+    root = Path(g.root) if g.root else st.default_root()
+    try:
+        return int(globals()[f"cmd_{g.command}"](root, args, g, log) or 0)
+    except (Error, OSError) as e:
+        msg = str(e) if isinstance(e, Error) else f"{e.strerror}: {e.filename or ''}".rstrip()
+        log.write("error", msg)
+        print(f"{PROG}: {msg}", file=sys.stderr)
+        return getattr(e, "exit_code", 1) or 1
+
+
+# ---- create / start -----------------------------------------------------------------------
+
+def cmd_create(root: Path, args: Any, g: Any, log: _Log) -> int:
+    bundle = Path(os.path.abspath(args.bundle))
+    b = oci_config.parse_bundle(bundle, oci_config.read_file(bundle / "config.json",
+                                                            "config.json"))
+    if b.process is None:
+        raise oci_config.BundleError("config.json has no process: there is nothing to run")
+    if b.process.terminal and not args.console_socket:
+        raise UsageError("the process wants a terminal: give --console-socket")
+    c = st.container(root, args.id)
+    st.create_dir(c)
+    try:
+        c.write({"id": c.id, "bundle": str(bundle), "rootfs": b.root, "status": st.CREATING,
+                 "created": st.rfc3339(time.time()), "annotations": dict(b.annotations),
+                 "vm": b.vm_spec(c.id).to_json(), "workload": b.process.workload().to_json(),
+                 "debug": g.debug})
+        for line in b.skipped:
+            log.write("debug", f"mount {line}")
+        pid = _start_shim(c, args.console_socket, log)
+    except BaseException:
+        c.remove()
+        raise
+    if args.pid_file:
+        _write_pid_file(args.pid_file, pid)
+    return 0
+
+
+def _start_shim(c: st.Container, console_socket: str | None, log: _Log) -> int:
+    stdio: tuple[int, int, int] | None = None
+    slave = None
+    if console_socket:
+        slave = _send_new_pty(console_socket)
+        stdio = (slave, slave, slave)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    pkg_parent = str(Path(__file__).resolve().parent.parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supermachine.oci.shim", str(c.root), c.id, str(ready_w),
+             str(os.getpid())],
+            stdin=stdio[0] if stdio else None, stdout=stdio[1] if stdio else None,
+            stderr=stdio[2] if stdio else None, pass_fds=(ready_w,), cwd="/", env=env)
+    finally:
+        os.close(ready_w)
+        if slave is not None:
+            os.close(slave)
+    report = _read_report(ready_r)
+    if not report.get("ok"):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        raise st.ContainerError(str(report.get("error") or "the container process died "
+                                    f"while starting; see {c.shim_log}"))
+    log.write("info", f"container {c.id} created: process {proc.pid}")
+    return proc.pid
+
+
+def _send_new_pty(path: str) -> int:
+    """A new pty: its master goes to the engine over ``path`` (SCM_RIGHTS, with the slave's
+    name, as runc sends it); returns the slave, which becomes the container's stdio."""
+    master, slave = os.openpty()
+    try:
+        name = os.ttyname(slave)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+            socket.send_fds(s, [name.encode()], [master])
+    except OSError:
+        os.close(slave)
+        raise
+    finally:
+        os.close(master)
+    return slave
+
+
+def _read_report(fd: int) -> dict[str, Any]:
+    data = b""
+    try:
+        while len(data) < 65536 and (chunk := os.read(fd, 65536)):
+            data += chunk
+    finally:
+        os.close(fd)
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.write_text(str(pid))
+    os.replace(tmp, final)
+
+
+def cmd_start(root: Path, args: Any, g: Any, log: _Log) -> int:
+    from ..detached.client import request
+    from ..detached.protocol import StartRequest
+
+    c = _existing(root, args.id)
+    status = c.status()
+    if status != st.CREATED:
+        raise st.ContainerError(f"cannot start container {c.id} in state {status}")
+    request(c, StartRequest(), "start")
+    return 0
+
+
+# ---- state / list / ps -------------------------------------------------------------------
+
+def _existing(root: Path, container_id: str) -> st.Container:
+    c = st.container(root, container_id)
+    if not c.exists():
+        raise st.ContainerError(f"container does not exist: {c.id}")
+    return c
+
+
+def cmd_state(root: Path, args: Any, g: Any, log: _Log) -> int:
+    print(json.dumps(_existing(root, args.id).state(), indent=2))
+    return 0
+
+
+def cmd_list(root: Path, args: Any, g: Any, log: _Log) -> int:
+    states = []
+    for c in st.list_containers(root):
+        with contextlib.suppress(Error):
+            states.append(c.state())
+    if args.format == "json":
+        print(json.dumps(states))
+    elif args.quiet:
+        for s in states:
+            print(s["id"])
+    else:
+        print(f"{'ID':<20} {'PID':<8} {'STATUS':<10} {'BUNDLE':<40} CREATED")
+        for s in states:
+            print(f"{s['id']:<20} {s['pid']:<8} {s['status']:<10} {s['bundle']:<40} "
+                  f"{s['created']}")
+    return 0
+
+
+def cmd_ps(root: Path, args: Any, g: Any, log: _Log) -> int:
+    """The host processes of the container: its process (the VM's owner) and each exec's."""
+    c = _existing(root, args.id)
+    state = c.state()
+    pids = [state["pid"]] if state["pid"] else []
+    pids += _exec_pids(c)
+    if args.format == "json":
+        print(json.dumps(pids))
+    else:
+        print("PID")
+        for pid in pids:
+            print(pid)
+    return 0
+
+
+def _exec_pids(c: st.Container) -> list[int]:
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in (c.path / "execs").iterdir():
+            if entry.name.isdigit() and os.path.exists(f"/proc/{entry.name}"):
+                out.append(int(entry.name))
+    return sorted(out)
+
+
+def cmd_features(root: Path, args: Any, g: Any, log: _Log) -> int:
+    print(json.dumps({
+        "ociVersionMin": "1.0.0", "ociVersionMax": st.OCI_VERSION, "hooks": [],
+        "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec"],
+        "linux": {"namespaces": ["mount", "network", "pid", "ipc", "uts", "user", "cgroup"],
+                  "capabilities": [], "cgroup": {"v1": False, "v2": False},
+                  "seccomp": {"enabled": False}},
+        "annotations": {"org.supermachine.runtime": "microvm",
+                        oci_config.MEMORY_ANNOTATION: "VM memory, e.g. 1G",
+                        oci_config.CPUS_ANNOTATION: "VM vCPUs"}}, indent=2))
+    return 0
+
+
+# ---- kill / delete / pause ----------------------------------------------------------------
+
+def parse_signal(text: str) -> int:
+    t = text.strip().upper()
+    if t.isdigit():
+        n = int(t)
+    else:
+        try:
+            n = int(signal.Signals[t if t.startswith("SIG") else f"SIG{t}"])
+        except KeyError:
+            raise UsageError(f"unknown signal {text[:32]!r}") from None
+    if not 1 <= n <= 64:
+        raise UsageError(f"invalid signal number {n}")
+    return n
+
+
+def cmd_kill(root: Path, args: Any, g: Any, log: _Log) -> int:
+    from ..detached.client import request
+    from ..detached.protocol import PauseRequest, SignalRequest
+
+    c = _existing(root, args.id)
+    signo = parse_signal(args.signal)
+    record = c.read()
+    status = c.status(record)
+    if status == st.STOPPED:
+        raise st.ContainerError(f"container {c.id} is not running")
+    try:
+        if status == st.PAUSED:  # a frozen guest cannot deliver it: thaw first, as runc does
+            request(c, PauseRequest(False), "resume")
+        request(c, SignalRequest(signo), "kill")
+    except Error:
+        if signo != signal.SIGKILL or not isinstance(record.get("pid"), int):
+            raise
+        _kill_process(record["pid"], signal.SIGKILL)  # the VM does not answer: end its owner
+    return 0
+
+
+def _kill_process(pid: int, signo: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signo)
+
+
+def cmd_delete(root: Path, args: Any, g: Any, log: _Log) -> int:
+    c = st.container(root, args.id)
+    if not c.path.exists():
+        if args.force:
+            return 0
+        raise st.ContainerError(f"container does not exist: {c.id}")
+    try:
+        record = c.read()
+    except st.ContainerError:
+        record = {}
+    status = c.status(record) if record else (st.CREATING if c.alive() else st.STOPPED)
+    if status not in (st.STOPPED, st.CREATED) and not args.force:
+        raise st.ContainerError(f"cannot delete container {c.id} in state {status}; "
+                                "use --force")
+    pid = record.get("pid")
+    if c.alive() and isinstance(pid, int):
+        _kill_process(pid, signal.SIGTERM)  # it tears its VM down and exits
+        deadline = time.monotonic() + DELETE_GRACE
+        while c.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if c.alive():
+            _kill_process(pid, signal.SIGKILL)  # QEMU and passt die with it
+            while c.alive() and time.monotonic() < deadline + 5:
+                time.sleep(0.02)
+    c.remove()
+    log.write("info", f"container {c.id} deleted")
+    return 0
+
+
+def cmd_pause(root: Path, args: Any, g: Any, log: _Log) -> int:
+    return _pause(root, args.id, True)
+
+
+def cmd_resume(root: Path, args: Any, g: Any, log: _Log) -> int:
+    return _pause(root, args.id, False)
+
+
+def _pause(root: Path, container_id: str, pause: bool) -> int:
+    from ..detached.client import request
+    from ..detached.protocol import PauseRequest
+
+    c = _existing(root, container_id)
+    status = c.status()
+    want = st.RUNNING if pause else st.PAUSED
+    if status != want:
+        raise st.ContainerError(f"container {c.id} is {status}, not {want}")
+    request(c, PauseRequest(pause), "pause" if pause else "resume")
+    return 0
+
+
+# ---- exec ---------------------------------------------------------------------------------
+
+def cmd_exec(root: Path, args: Any, g: Any, log: _Log) -> int:
+    from ..detached.client import exec_in
+    from ..detached.protocol import ExecRequest
+
+    c = _existing(root, args.id)
+    status = c.status()
+    if status != st.RUNNING and not (status == st.CREATED and args.ignore_paused):
+        raise st.ContainerError(f"cannot exec in container {c.id} in state {status}")
+    if args.process:
+        p = oci_config.parse_process(oci_config.load_json(
+            oci_config.read_file(Path(args.process), "process.json"), "process.json"))
+    else:
+        command = [a for a in args.command if a != "--"] if args.command else []
+        p = oci_config.parse_process({"args": command, "env": args.env,
+                                      "cwd": args.cwd or "/", "terminal": args.tty},
+                                     "the command line")
+    if p.terminal and args.detach and not args.console_socket:
+        raise UsageError("a detached exec with a terminal needs --console-socket")
+    slave = _send_new_pty(args.console_socket) if p.terminal and args.console_socket \
+        else None
+    from .. import terminal
+    from .shim import make_controlling_raw
+
+    req = ExecRequest(argv=p.args, env=p.env, cwd=p.cwd, user=p.user, stdin=True,
+                      tty=p.terminal, winsize=terminal.winsize(slave if slave is not None
+                                                               else 0) if p.terminal else None)
+    proc = exec_in(c, req)  # connected before we return: the exec has started
+    if not args.detach:
+        if slave is not None:
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+            with contextlib.suppress(termios.error):
+                tty.setraw(0)
+        return _relay(c, proc, p.terminal)
+    pid = os.fork()
+    if pid == 0:  # the exec's process: relays its stdio and exits with its status
+        code = 255
+        try:
+            if slave is not None:
+                for fd in (0, 1, 2):
+                    os.dup2(slave, fd)
+                make_controlling_raw(0)
+            else:
+                os.setsid()
+            code = _relay(c, proc, p.terminal)
+        finally:
+            os._exit(code)
+    proc.release()
+    if slave is not None:
+        os.close(slave)
+    if args.pid_file:
+        _write_pid_file(args.pid_file, pid)
+    return 0
+
+
+def _relay(c: st.Container, proc: Any, tty: bool) -> int:
+    from .. import terminal
+
+    marker = c.path / "execs" / str(os.getpid())
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(exist_ok=True)
+        marker.touch()
+    try:
+        status = terminal.pump(proc, stdin_fd=0, tty_fd=0 if tty else None)
+    except Error as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 255
+    finally:
+        with contextlib.suppress(OSError):
+            marker.unlink()
+    if status.error:
+        print(f"{PROG}: {status.error}", file=sys.stderr)
+    return status.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
