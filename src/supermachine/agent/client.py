@@ -201,6 +201,7 @@ class AgentClient:
         entropy: bytes | None = None,
         hostname: StrOrBytes | None = None,
         machine_id: StrOrBytes | None = None,
+        network: StrOrBytes | None = None,
     ) -> None:
         """Send HELLO and wait until the guest answers: it is then ready for work."""
         with self._cond:
@@ -210,6 +211,7 @@ class AgentClient:
                     entropy=entropy,
                     hostname=None if hostname is None else _b(hostname),
                     machine_id=None if machine_id is None else _b(machine_id),
+                    network=None if network is None else _b(network),
                 )
             )
         if not self._wait(lambda: self._conn.ready, time.monotonic() + timeout):

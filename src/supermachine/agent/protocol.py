@@ -104,6 +104,7 @@ class SetupTag(enum.IntEnum):
     ENTROPY = 2
     HOSTNAME = 3
     MACHINE_ID = 4
+    NETWORK = 5  # "ADDR/PREFIX,GW,MTU,MAC": eth0's new set-up (a NIC on a tap, engine/tap.py)
 
 
 class ExecTag(enum.IntEnum):
@@ -225,6 +226,7 @@ def encode_hello(
     entropy: bytes | None = None,
     hostname: bytes | None = None,
     machine_id: bytes | None = None,
+    network: bytes | None = None,
 ) -> bytes:
     """The host's HELLO: version, nonce and optional setup fields."""
     if len(nonce) != NONCE_SIZE:
@@ -246,6 +248,10 @@ def encode_hello(
         if not is_machine_id(machine_id):
             raise ValueError("machine_id must be 32 lowercase hex digits")
         payload += _tlv(SetupTag.MACHINE_ID, bytes(machine_id))
+    if network is not None:
+        if not 1 <= len(network) <= 96:
+            raise ValueError("network must be 1..96 bytes")
+        payload += _tlv(SetupTag.NETWORK, _check_string("network", network))
     return encode_frame(FrameType.HELLO, 0, payload)
 
 
@@ -634,11 +640,12 @@ class Connection:
         entropy: bytes | None = None,
         hostname: bytes | None = None,
         machine_id: bytes | None = None,
+        network: bytes | None = None,
     ) -> bytes:
         if self._hello_sent:
             raise AgentError("HELLO was already sent on this connection; open a new one")
         out = encode_hello(self._nonce, time_ns=time_ns, entropy=entropy, hostname=hostname,
-                           machine_id=machine_id)
+                           machine_id=machine_id, network=network)
         self._hello_sent = True
         return out
 

@@ -87,6 +87,9 @@ class Machine(abc.ABC):
 
     #: host end of the agent channel (the guest's `sm.agent` port)
     agent: socket.socket
+    #: "ADDR/PREFIX,GW,MTU,MAC" the guest gives eth0 at HELLO (a NIC joined to another
+    #: network namespace, engine/tap.py), or None: the boot's own set-up stands
+    guest_network: str | None = None
 
     @property
     @abc.abstractmethod

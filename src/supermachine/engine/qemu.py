@@ -101,11 +101,12 @@ def passt_binary() -> str:
 
 def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: int,
                   console_fd: int, state_fd: int | None = None,
-                  net_fd: int | None = None) -> list[str]:
+                  net_fd: int | None = None, tap_fd: int | None = None) -> list[str]:
     """The QEMU command line for ``config`` (pure: unit-tested without starting anything).
 
     ``net_fd``: a listening unix socket QEMU accepts this VM's passt on (networked configs);
     QEMU listens again when passt goes, which is how forwards change at run time.
+    ``tap_fd``: instead, a tap device in another network namespace (engine/tap.py).
     """
     machine = ["microvm", "x-option-roms=off", "isa-serial=on", "rtc=on", "pit=off", "pic=off"]
     mem = f"{config.memory_mib}M"
@@ -139,11 +140,15 @@ def build_command(config: MachineConfig, *, qemu: str, agent_fd: int, qmp_fd: in
         "-device", "virtio-rng-device",
     ]
     if config.network is not None and config.network.enabled:
-        if net_fd is None:
-            raise ValueError("a networked machine needs its passt socket's fd")
+        if tap_fd is not None:
+            netdev = f"tap,id=net0,fd={tap_fd},vhost=off"
+        elif net_fd is not None:
+            netdev = f"stream,id=net0,server=on,addr.type=fd,addr.str={net_fd}"
+        else:
+            raise ValueError("a networked machine needs its passt socket's or tap's fd")
         # The same MAC everywhere: each VM has a network of its own, and a snapshot's guest
-        # keeps the MAC it booted with.
-        cmd += ["-netdev", f"stream,id=net0,server=on,addr.type=fd,addr.str={net_fd}",
+        # keeps the MAC it booted with (on a tap, the guest takes the veth's at HELLO).
+        cmd += ["-netdev", netdev,
                 "-device", f"virtio-net-device,netdev=net0,mac={net.GUEST_MAC}"]
     for i, share in enumerate(config.shares):
         # security_model=none: files are created as this user, with the guest's modes; what
@@ -387,9 +392,18 @@ class QemuMachine(Machine):
         self._qemu_pid: int | None = None
         self._pidfd: int | None = None
         self.network = config.network
+        #: how the guest must set up eth0 at HELLO (a tap in another namespace), else None
+        self.guest_network: str | None = None
+        tap_fd = None
         try:
             net_fd = None
-            if config.network is not None and config.network.enabled:
+            if config.network is not None and config.network.netns is not None:
+                from . import tap
+
+                link = tap.open_link(config.network.netns)
+                tap_fd = link.fd
+                self.guest_network = link.guest_setup
+            elif config.network is not None and config.network.enabled:
                 listener = self._net_listener()
                 passed.append(listener)
                 net_fd = listener.fileno()
@@ -398,9 +412,10 @@ class QemuMachine(Machine):
                 state_fd = state_file.fileno()
             cmd = build_command(config, qemu=qemu, agent_fd=agent_guest.fileno(),
                                 qmp_fd=qmp_guest.fileno(), console_fd=con_guest.fileno(),
-                                state_fd=state_fd, net_fd=net_fd)
+                                state_fd=state_fd, net_fd=net_fd, tap_fd=tap_fd)
             log.debug("qemu command: %s", shlex.join(cmd))
-            fds = [s.fileno() for s in passed] + ([state_fd] if state_fd is not None else [])
+            fds = [s.fileno() for s in passed] + [fd for fd in (state_fd, tap_fd)
+                                                  if fd is not None]
             # Only what QEMU needs: no credentials, proxies or tokens of the caller's leak
             # into the process that parses guest-controlled state.
             env = minimal_env()
@@ -453,6 +468,8 @@ class QemuMachine(Machine):
                 s.close()
             if state_file is not None:
                 state_file.close()
+            if tap_fd is not None:  # QEMU holds it; the tap goes when QEMU does
+                os.close(tap_fd)
         self.agent = agent_host
         self._console = _Console(con_host, echo=config.verbose)
         self._qmp = QMPClient(qmp_host)
@@ -505,6 +522,9 @@ class QemuMachine(Machine):
         """
         import dataclasses
 
+        if self.network is not None and self.network.netns is not None:
+            raise EngineError("this VM is on its engine's network namespace: the engine "
+                              "publishes its ports")
         if self.network is None or not self.network.enabled or self._net_dir is None:
             raise EngineError("this VM has no network; start it with network='user'")
         network = dataclasses.replace(self.network, ports=net.check_forwards(forwards))

@@ -63,7 +63,7 @@ class Recipe:
         for, nor see its files."""
         network = self.config.network
         if network is not None:
-            network = dataclasses.replace(network, ports=())
+            network = dataclasses.replace(network, ports=(), netns=None)
         return dataclasses.replace(self.config, network=network, shares=self.volumes.blank,
                                    disks=volumes.empty_disks())
 

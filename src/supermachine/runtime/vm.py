@@ -245,7 +245,8 @@ class VM:
             machine_id = random_machine_id() if spec.machine_id is True else spec.machine_id
             client.hello(self._boot_timeout, time_ns=time.time_ns(), entropy=os.urandom(64),
                          hostname=spec.hostname if personal else None,
-                         machine_id=machine_id if personal else None)
+                         machine_id=machine_id if personal else None,
+                         network=machine.guest_network if personal else None)
         except BaseException as e:
             status = machine.wait(timeout=0.5) if isinstance(e, AgentError) else None
             client.close()

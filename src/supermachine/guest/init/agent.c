@@ -948,8 +948,8 @@ static void on_hello(struct agent *a, const uint8_t *p, size_t n)
 		proto_error(a, m);
 		return;
 	}
-	const uint8_t *f[5] = {0};
-	uint32_t flen[5] = {0};
+	const uint8_t *f[6] = {0};
+	uint32_t flen[6] = {0};
 	for (size_t i = 4 + SM_NONCE; i < n;) {
 		if (n - i < 6) {
 			proto_error(a, "HELLO: truncated setup field");
@@ -958,9 +958,9 @@ static void on_hello(struct agent *a, const uint8_t *p, size_t n)
 		uint16_t tag = get16(p + i);
 		uint32_t len = get32(p + i + 2);
 		i += 6;
-		if (len > n - i || tag < 1 || tag > 4 || f[tag] ||
+		if (len > n - i || tag < 1 || tag > 5 || f[tag] ||
 		    (tag == 1 && len != 8) || (tag == 2 && (len < 16 || len > 512)) ||
-		    (tag == 3 && (len < 1 || len > 64)) ||
+		    (tag == 3 && (len < 1 || len > 64)) || (tag == 5 && (len < 1 || len > 96)) ||
 		    (tag == 4 && !is_machine_id(p + i, len))) {
 			proto_error(a, "HELLO: bad setup field (unknown, repeated or bad length)");
 			return;
@@ -1000,6 +1000,16 @@ static void on_hello(struct agent *a, const uint8_t *p, size_t n)
 			sm_log(a->o.debug, "sethostname: %s", strerror(errno));
 		if (f[4])
 			write_machine_id(f[4], a->o.debug);
+		if (f[5]) {
+			char spec[97];
+			const char *step = "";
+			memcpy(spec, f[5], flen[5]);
+			spec[flen[5]] = 0;
+			if (network_reconfigure(spec, &step) < 0)
+				dprintf(2, "sm-init: eth0 %s: %s\n", step, strerror(errno));
+			else
+				sm_log(a->o.debug, "eth0 now %s", spec);
+		}
 	}
 	a->hello = true;
 	emit(a, T_HELLO, 0, 0, p, 4 + SM_NONCE); /* version 1 + the nonce echoed */

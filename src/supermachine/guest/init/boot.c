@@ -306,21 +306,11 @@ static void write_resolv(struct in_addr dns, bool debug)
 	sm_log(debug, "resolv.conf: nameserver %s", ip);
 }
 
-/* Static eth0 setup from sm.net=; failures are reported, not fatal: the VM still runs. */
-static void network_up(const char *spec, bool debug)
+/* eth0 with this address, MTU (0: as it is) and default route, and with `mac` (NULL: as it
+ * is) taken while it is down; returns the step that failed, or NULL. */
+static const char *eth0_setup(struct in_addr addr, int prefix, struct in_addr gw, int mtu,
+			      const unsigned char *mac)
 {
-	struct in_addr addr, gw, dns;
-	int prefix, mtu;
-	if (!parse_net(spec, &addr, &prefix, &gw, &dns, &mtu)) {
-		dprintf(2, "sm-init: bad sm.net=%s (want ADDR/PREFIX,GW,DNS[,MTU])\n", spec);
-		return;
-	}
-	/* virtio_net was loaded with the other modules; its interface shows up shortly after. */
-	int64_t deadline = mono_ms() + DEVICE_WAIT_MS;
-	while (if_nametoindex("eth0") == 0 && mono_ms() < deadline) {
-		struct timespec ts = {0, 2 * 1000 * 1000};
-		nanosleep(&ts, NULL);
-	}
 	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	struct in_addr mask = {htonl(prefix == 32 ? 0xffffffffu : ~(0xffffffffu >> prefix))};
 	struct ifreq ifr;
@@ -329,6 +319,18 @@ static void network_up(const char *spec, bool debug)
 	const char *step = "socket";
 	if (s < 0)
 		goto fail;
+	if (mac) {
+		/* Down first: that also drops the routes through the old address. */
+		step = "down";
+		if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0 ||
+		    (ifr.ifr_flags &= ~IFF_UP, ioctl(s, SIOCSIFFLAGS, &ifr) < 0))
+			goto fail;
+		step = "mac";
+		ifr.ifr_hwaddr.sa_family = 1; /* ARPHRD_ETHER */
+		memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+		if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0)
+			goto fail;
+	}
 	step = "address";
 	if (set_addr(s, SIOCSIFADDR, "eth0", addr) < 0)
 		goto fail;
@@ -355,13 +357,78 @@ static void network_up(const char *spec, bool debug)
 	if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST)
 		goto fail;
 	close(s);
-	write_resolv(dns, debug);
-	sm_log(debug, "eth0 %s/%d", spec, prefix);
-	return;
-fail:
-	dprintf(2, "sm-init: eth0 %s: %s\n", step, strerror(errno));
+	return NULL;
+fail:;
+	int err = errno;
 	if (s >= 0)
 		close(s);
+	errno = err;
+	return step;
+}
+
+/* Static eth0 setup from sm.net=; failures are reported, not fatal: the VM still runs. */
+static void network_up(const char *spec, bool debug)
+{
+	struct in_addr addr, gw, dns;
+	int prefix, mtu;
+	if (!parse_net(spec, &addr, &prefix, &gw, &dns, &mtu)) {
+		dprintf(2, "sm-init: bad sm.net=%s (want ADDR/PREFIX,GW,DNS[,MTU])\n", spec);
+		return;
+	}
+	/* virtio_net was loaded with the other modules; its interface shows up shortly after. */
+	int64_t deadline = mono_ms() + DEVICE_WAIT_MS;
+	while (if_nametoindex("eth0") == 0 && mono_ms() < deadline) {
+		struct timespec ts = {0, 2 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	const char *failed = eth0_setup(addr, prefix, gw, mtu, NULL);
+	if (failed) {
+		dprintf(2, "sm-init: eth0 %s: %s\n", failed, strerror(errno));
+		return;
+	}
+	write_resolv(dns, debug);
+	sm_log(debug, "eth0 %s/%d", spec, prefix);
+}
+
+/* HELLO's NETWORK field: "ADDR/PREFIX,GW,MTU,MAC". Returns 0, or -1 with errno (EINVAL for
+ * a malformed field) and *step naming what failed. */
+int network_reconfigure(const char *spec, const char **step)
+{
+	char buf[128], dns_part[] = "0.0.0.0";
+	unsigned m[6];
+	snprintf(buf, sizeof(buf), "%s", spec);
+	char *last = strrchr(buf, ',');
+	*step = "parse";
+	if (!last || sscanf(last + 1, "%2x:%2x:%2x:%2x:%2x:%2x", &m[0], &m[1], &m[2], &m[3], &m[4],
+			    &m[5]) != 6 || strlen(last + 1) != 17) {
+		errno = EINVAL;
+		return -1;
+	}
+	*last = 0;
+	/* parse_net wants ADDR/PREFIX,GW,DNS[,MTU]: put a DNS in the middle */
+	char *comma = strchr(buf, ','), *mtu = comma ? strchr(comma + 1, ',') : NULL;
+	char full[160];
+	if (!comma || !mtu) {
+		errno = EINVAL;
+		return -1;
+	}
+	*mtu++ = 0;
+	snprintf(full, sizeof(full), "%s,%s,%s", buf, dns_part, mtu);
+	struct in_addr addr, gw, dns;
+	int prefix, mtu_v;
+	if (!parse_net(full, &addr, &prefix, &gw, &dns, &mtu_v)) {
+		errno = EINVAL;
+		return -1;
+	}
+	unsigned char mac[6];
+	for (int i = 0; i < 6; i++)
+		mac[i] = (unsigned char)m[i];
+	const char *failed = eth0_setup(addr, prefix, gw, mtu_v, mac);
+	if (failed) {
+		*step = failed;
+		return -1;
+	}
+	return 0;
 }
 
 /* Makes sure fds 0-2 exist, so later pipes never land on them. */

@@ -122,6 +122,8 @@ void agent_run(const struct agent_opts *o) __attribute__((noreturn));
 
 /* VM mode boot: mounts, modules, switch root; returns the opened agent port fd. */
 int boot_vm(bool *debug);
+/* HELLO's NETWORK setup of eth0 (boot.c); -1 with errno and *step on failure. */
+int network_reconfigure(const char *spec, const char **step);
 /* Power off (VM) after syncing; never returns. */
 void power_off(void) __attribute__((noreturn));
 
