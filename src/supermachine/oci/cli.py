@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e) if isinstance(e, Error) else f"{e.strerror}: {e.filename or ''}".rstrip()
         log.write("error", msg)
         print(f"{PROG}: {msg}", file=sys.stderr)
-        return getattr(e, "exit_code", 1) or 1
+        return 1  # runc's one failure status, whatever failed
 
 
 # ---- create / start -----------------------------------------------------------------------
