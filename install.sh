@@ -23,6 +23,9 @@ APT_PACKAGES=(
   clang libclang-rt-14-dev
   # the docker-behaviour oracle in the tests (podman with runc) and the peers in bench/
   podman runc runsc
+  # the OCI runtime: containerd, an engine it is tested under (podman is above), and tc/ip
+  # to join a container's network namespace
+  containerd iproute2
   # building the guest kernel from source (supermachine kernel build)
   flex bison bc libelf-dev xz-utils
 )
@@ -40,6 +43,10 @@ fi
 # The distribution registry starts as a system service on install; the tests run their own.
 if systemctl is-active --quiet docker-registry 2>/dev/null; then
   systemctl stop docker-registry 2>/dev/null || true
+fi
+# containerd likewise: the tests start their own daemon, with its own socket and state.
+if systemctl is-active --quiet containerd 2>/dev/null; then
+  systemctl stop containerd 2>/dev/null || true
 fi
 
 # Debian's own Python: world-readable (so VMs can be tested as an unprivileged user) and,

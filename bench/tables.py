@@ -473,9 +473,24 @@ def bench_hostile(r: dict[str, Any]) -> list[Table]:
                    "stdout read by the host"], rows)]
 
 
+def bench_oci(r: dict[str, Any]) -> list[Table]:
+    s, ratios, target = r["summary"], r["ratio_median_vs_baseline"], r["target_ratio"]
+    engine = "podman + supermachine-runtime"
+    rows = [[name, fmt_s(v["median"]), fmt_s(v["p99"]), fmt_x(ratios[name]),
+             ("yes" if ratios[name] <= target else "NO") if name == engine else ""]
+            for name, v in s.items()]
+    v = r.get("versions", {})
+    return [Table(f"`IMAGE true` through podman with supermachine-runtime, podman with runc, "
+                  f"and `supermachine run` (busybox, {r['reps']} interleaved reps; accel "
+                  f"{r['machine']['accel']})",
+                  ["command", "p50", "p99", f"/ {r['baseline']} (p50)", f"<= {target}x"],
+                  rows, [f"{k}: {v[k]}" for k in sorted(v)])]
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
     "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
     "bench_cli": bench_cli, "bench_previous": bench_previous, "bench_kernel": bench_kernel,
     "bench_volumes": bench_volumes, "bench_jail": bench_jail, "bench_hostile": bench_hostile,
+    "bench_oci": bench_oci,
 }

@@ -115,6 +115,14 @@ def peers_results() -> dict[str, Any]:
             "setup": {"runsc_flags": ["network=none"]}}
 
 
+def oci_results() -> dict[str, Any]:
+    s = {"supermachine run": summ(0.6), "podman + supermachine-runtime": summ(0.9),
+         "podman + runc": summ(0.7)}
+    return {"reps": 3, "baseline": "supermachine run", "summary": s, "target_ratio": 1.3,
+            "ratio_median_vs_baseline": {k: v["median"] / 0.6 for k, v in s.items()},
+            "versions": {"podman": "podman version 4.3.1"}}
+
+
 def cli_results() -> dict[str, Any]:
     names = ["python -c pass", "supermachine --version", "supermachine ps",
              "supermachine --help"]
@@ -181,7 +189,7 @@ FACTORIES = {"bench_run": run_results, "bench_pull": pull_results, "bench_exec":
              "bench_peers": peers_results, "bench_cli": cli_results,
              "bench_previous": previous_results, "bench_kernel": kernel_results,
              "bench_volumes": volumes_results, "bench_jail": jail_results,
-             "bench_hostile": hostile_results}
+             "bench_hostile": hostile_results, "bench_oci": oci_results}
 
 README = """# Benchmarks
 
