@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import termios
 import time
@@ -28,7 +27,6 @@ from typing import Any
 
 from .. import __version__
 from ..errors import Error, UsageError
-from . import config as oci_config
 from . import state as st
 
 PROG = "supermachine-runtime"
@@ -142,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- create / start -----------------------------------------------------------------------
 
 def cmd_create(root: Path, args: Any, g: Any, log: _Log) -> int:
+    from . import config as oci_config
+
     bundle = Path(os.path.abspath(args.bundle))
     b = oci_config.parse_bundle(bundle, oci_config.read_file(bundle / "config.json",
                                                             "config.json"))
@@ -168,34 +168,41 @@ def cmd_create(root: Path, args: Any, g: Any, log: _Log) -> int:
 
 
 def _start_shim(c: st.Container, console_socket: str | None, log: _Log) -> int:
-    stdio: tuple[int, int, int] | None = None
-    slave = None
-    if console_socket:
-        slave = _send_new_pty(console_socket)
-        stdio = (slave, slave, slave)
+    """Fork the container process (oci/shim.py); returns its pid once it reports."""
+    slave = _send_new_pty(console_socket) if console_socket else None
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    pkg_parent = str(Path(__file__).resolve().parent.parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "supermachine.oci.shim", str(c.root), c.id, str(ready_w),
-             str(os.getpid())],
-            stdin=stdio[0] if stdio else None, stdout=stdio[1] if stdio else None,
-            stderr=stdio[2] if stdio else None, pass_fds=(ready_w,), cwd="/", env=env)
-    finally:
-        os.close(ready_w)
-        if slave is not None:
-            os.close(slave)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the container process: never returns into the command line
+        code = 1
+        try:
+            os.close(ready_r)
+            if slave is not None:  # the terminal is the container's stdio
+                for fd in (0, 1, 2):
+                    os.dup2(slave, fd)
+            # Nothing of the engine's but stdio: it may leak fds into us (conmon's
+            # reserved host ports, containerd's listener) that must not live on with us.
+            keep = sorted({ready_w, 0, 1, 2})
+            for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")], strict=True):
+                os.closerange(low + 1, high)
+            from . import shim
+
+            code = shim.run(c, ready_w, os.getppid())
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    if slave is not None:
+        os.close(slave)
     report = _read_report(ready_r)
     if not report.get("ok"):
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
         raise st.ContainerError(str(report.get("error") or "the container process died "
                                     f"while starting; see {c.shim_log}"))
-    log.write("info", f"container {c.id} created: process {proc.pid}")
-    return proc.pid
+    log.write("info", f"container {c.id} created: process {pid}")
+    return pid
 
 
 def _send_new_pty(path: str) -> int:
@@ -305,6 +312,8 @@ def _exec_pids(c: st.Container) -> list[int]:
 
 
 def cmd_features(root: Path, args: Any, g: Any, log: _Log) -> int:
+    from . import config as oci_config
+
     print(json.dumps({
         "ociVersionMin": "1.0.0", "ociVersionMax": st.OCI_VERSION, "hooks": [],
         "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec"],
@@ -414,6 +423,7 @@ def _pause(root: Path, container_id: str, pause: bool) -> int:
 def cmd_exec(root: Path, args: Any, g: Any, log: _Log) -> int:
     from ..detached.client import exec_in
     from ..detached.protocol import ExecRequest
+    from . import config as oci_config
 
     c = _existing(root, args.id)
     status = c.status()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,6 @@ MAX_CONFIG_BYTES = 4 << 20
 MAX_ITEMS = 4096  # args, env, mounts, options, annotations
 MAX_TEXT = 1 << 16
 MAX_GROUPS = 64  # supplementary groups the guest agent sets (sm.h MAX_GROUPS)
-#: runc's rule for container ids, with a length bound
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+.-]{0,1023}$")
 
 #: annotations that size the VM (as `supermachine run --memory/--cpus` take them)
 MEMORY_ANNOTATION = "org.supermachine.memory"
@@ -99,13 +96,6 @@ class Bundle:
                       hostname=self.hostname, mounts=self.mounts, network=self.network,
                       netns=self.netns,
                       memory_mib=self.memory_mib, cpus=self.cpus, pull="never")
-
-
-def check_id(container_id: str) -> str:
-    if not isinstance(container_id, str) or not ID_PATTERN.match(container_id):
-        raise BundleError(f"invalid container id {str(container_id)[:64]!r}: use letters, "
-                          "digits, _ + . - (at most 1024)")
-    return container_id
 
 
 def load_json(data: bytes, what: str) -> dict[str, Any]:

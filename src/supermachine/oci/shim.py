@@ -242,14 +242,9 @@ def _keep_stdio(log_path: Path, terminal: bool) -> tuple[int, int, int]:
     return kept  # type: ignore[return-value]
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 4:
-        print("usage: python -m supermachine.oci.shim ROOT ID READYFD CREATOR",
-              file=sys.stderr)
-        return 2
-    c = st.Container(Path(argv[0]), argv[1])
-    ready_fd, creator = int(argv[2]), int(argv[3])
-    os.set_inheritable(ready_fd, False)
+def run(c: st.Container, ready_fd: int, creator: int) -> int:
+    """The container process's life, in the child `create` forked (no new interpreter: a
+    Python start and the imports are most of what `create` costs)."""
     lock = os.open(c.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -263,7 +258,7 @@ def main(argv: list[str]) -> int:
 
     cap = StderrCap(c.shim_log)  # bounded: QEMU's console echo could fill it otherwise
     logging.basicConfig(level=logging.DEBUG if record.get("debug") else logging.INFO,
-                        format="%(asctime)s shim: %(message)s")
+                        format="%(asctime)s shim: %(message)s", force=True)
     try:
         return Shim(c, ready_fd, stdio, creator).run()
     except Exception as e:
@@ -274,9 +269,3 @@ def main(argv: list[str]) -> int:
     finally:
         sys.stderr.flush()
         cap.close()
-
-
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    os._exit(code)

@@ -125,6 +125,13 @@ def test_create_refuses_an_existing_container(tmp_path: Path) -> None:
     assert st.container(tmp_path, "c1").exists()  # the existing one is untouched
 
 
+def test_container_ids() -> None:
+    assert st.check_id("a" * 64) == "a" * 64
+    for bad in ("", "../x", "a/b", "-x", "x" * 1025, "a b"):
+        with pytest.raises(st.ContainerError):
+            st.check_id(bad)
+
+
 def test_signals() -> None:
     assert cli.parse_signal("KILL") == cli.parse_signal("SIGKILL") == signal.SIGKILL
     assert cli.parse_signal("15") == 15 and cli.parse_signal("sigusr1") == signal.SIGUSR1
