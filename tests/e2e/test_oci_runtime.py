@@ -231,6 +231,37 @@ def test_delete_force_of_a_running_container(runtime: Path, oci_dir: Path) -> No
     assert not (oci_dir / "state" / cid).exists()
 
 
+@pytest.mark.parametrize("netns", ["empty", "missing"])
+def test_a_network_namespace_that_cannot_be_joined(runtime: Path, oci_dir: Path,
+                                                   netns: str) -> None:
+    """A namespace with nothing to join (no route out) or none at all: create fails with
+    one line in the log and leaves no container, VM or tap behind."""
+    cid = f"netns-{netns}-{SESSION}"
+    name = f"sm-test-{SESSION}"
+    path = f"/run/netns/{name}" if netns == "empty" else f"/run/netns/none-{SESSION}"
+    if netns == "empty":
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        bundle = make_bundle(oci_dir, ["true"])
+        config = json.loads((bundle / "config.json").read_text())
+        config["linux"]["namespaces"] = [{"type": "network", "path": path}]
+        (bundle / "config.json").write_text(json.dumps(config))
+        before = qemu_pids()
+        log = oci_dir / f"{cid}.log"
+        p = subprocess.run([str(runtime), "--log", str(log), "--log-format", "json", "create",
+                            "--bundle", str(bundle), cid], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=120)
+        assert p.returncode == 1
+        why = "no IPv4 default route" if netns == "empty" else "No such file"
+        assert why in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        assert why in json.loads(log.read_text().splitlines()[-1])["msg"]
+        assert not (oci_dir / "state" / cid).exists()
+        assert not qemu_pids() - before
+    finally:
+        if netns == "empty":
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 def test_a_terminal_through_the_console_socket(runtime: Path, oci_dir: Path,
                                                tmp_path: Path) -> None:
     import fcntl

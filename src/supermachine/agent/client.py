@@ -387,6 +387,27 @@ class AgentClient:
             _check_file_op(proc.wait(), "write", path)
         return total
 
+    def write_files(self, files: Sequence[tuple[str, bytes, int]]) -> None:
+        """Create or truncate each ``(path, data, mode)``: all sessions opened at once, so
+        the VM pays about one round trip rather than one per file."""
+        procs = []
+        try:
+            for path, _, mode in files:
+                procs.append(Process(self, self._open([_b(path)], stdin=True,
+                                                      op=Op.WRITE_FILE, mode=mode),
+                                     label=path))
+            for proc, (_, data, _) in zip(procs, files, strict=True):
+                try:
+                    proc.write(data)
+                    proc.close_stdin()
+                except ProcessExited:
+                    pass  # the guest gave up early; its EXIT says why
+            for proc, (path, _, _) in zip(procs, files, strict=True):
+                _check_file_op(proc.wait(), "write", path)
+        finally:
+            for proc in procs:
+                proc.close()
+
     # ------------------------------------------------------------------ internals
 
     def mount(self, mounts: Sequence[tuple[str, str, str, str, int]]) -> None:

@@ -64,12 +64,13 @@ def open_link(netns: str) -> TapLink:
     fd = _open_tap(netns)
     try:
         _run(netns, "ip", "link", "set", TAP_NAME, "mtu", str(info["mtu"]), "up")
-        for a, b in ((iface, TAP_NAME), (TAP_NAME, iface)):
-            _run(netns, "tc", "qdisc", "del", "dev", a, "ingress", check=False)
-            _run(netns, "tc", "qdisc", "add", "dev", a, "ingress")
-            _run(netns, "tc", "filter", "add", "dev", a, "parent", "ffff:", "protocol", "all",
-                 "u32", "match", "u8", "0", "0", "action", "mirred", "egress", "redirect",
-                 "dev", b)
+        # One tc process for all of it (-force: go on past a missing old qdisc).
+        script = "".join(
+            f"qdisc del dev {a} ingress\nqdisc add dev {a} ingress\n"
+            f"filter add dev {a} parent ffff: protocol all u32 match u8 0 0 "
+            f"action mirred egress redirect dev {b}\n"
+            for a, b in ((iface, TAP_NAME), (TAP_NAME, iface)))
+        _run(netns, "tc", "-force", "-batch", "-", stdin=script, check_lines=True)
     except BaseException:
         os.close(fd)
         raise
@@ -80,15 +81,25 @@ def _tool(name: str) -> str | None:
     return shutil.which(name, path=os.environ.get("PATH") or "/usr/sbin:/usr/bin:/sbin:/bin")
 
 
-def _run(netns: str, *argv: str, check: bool = True) -> str:
+def _run(netns: str, *argv: str, stdin: str | None = None, check_lines: bool = False) -> str:
+    """``argv`` inside ``netns``; its output. ``check_lines``: ``stdin`` is a batch whose
+    only allowed failures are its deletions ("del" lines: of what may not be there; tc
+    -force reports each failed line as "Command failed -:N" and goes on)."""
     cmd = [_tool("nsenter") or "nsenter", f"--net={netns}", "--", _tool(argv[0]) or argv[0],
            *argv[1:]]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+                           input=stdin, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     except (OSError, subprocess.TimeoutExpired) as e:
         raise EngineError(f"network namespace {netns}: {' '.join(argv[:3])}: {e}") from None
-    if check and p.returncode != 0:
+    failed = p.returncode != 0
+    if check_lines and stdin is not None:
+        deletions = {str(n) for n, line in enumerate(stdin.splitlines(), 1)
+                     if " del " in f" {line} "}
+        failed = any(line.startswith("Command failed") and
+                     line.rsplit(":", 1)[-1].strip() not in deletions
+                     for line in p.stderr.splitlines())
+    if failed:
         raise EngineError(f"network namespace {netns}: {' '.join(argv)}: "
                           f"{(p.stderr.strip() or p.stdout.strip())[:300]}")
     return p.stdout

@@ -261,8 +261,8 @@ class VM:
         if personal:
             try:
                 t0 = time.monotonic()
-                for copy in self.recipe.volumes.copies:
-                    client.write_file(copy.path, copy.data, mode=copy.mode)
+                client.write_files([(c.path, c.data, c.mode)
+                                    for c in self.recipe.volumes.copies])
                 client.mount([(m.source, m.target, m.fstype, m.data, m.flags)
                               for m in self.recipe.volumes.mounts])
                 if self.recipe.volumes.mounts:
