@@ -105,13 +105,24 @@ def _run(netns: str, *argv: str, stdin: str | None = None, check_lines: bool = F
     return p.stdout
 
 
-def _default_route(netns: str) -> tuple[str, str]:
+def default_route(netns: str) -> tuple[str, str] | None:
+    """The interface and gateway of ``netns``'s IPv4 default route; None when it has none
+    (an engine's `--network none`: loopback only)."""
+    if not os.path.exists(netns):
+        raise EngineError(f"network namespace {netns}: No such file or directory")
     routes = _json(_run(netns, "ip", "-j", "-4", "route", "show", "default"), netns)
     for r in routes:
         if isinstance(r, dict) and isinstance(r.get("dev"), str) and \
                 isinstance(r.get("gateway"), str):
             return r["dev"], str(ipaddress.IPv4Address(r["gateway"]))
-    raise EngineError(f"network namespace {netns} has no IPv4 default route to join")
+    return None
+
+
+def _default_route(netns: str) -> tuple[str, str]:
+    route = default_route(netns)
+    if route is None:
+        raise EngineError(f"network namespace {netns} has no IPv4 default route to join")
+    return route
 
 
 def _interface(netns: str, iface: str) -> dict:

@@ -149,12 +149,19 @@ def cmd_create(root: Path, args: Any, g: Any, log: _Log) -> int:
         raise oci_config.BundleError("config.json has no process: there is nothing to run")
     if b.process.terminal and not args.console_socket:
         raise UsageError("the process wants a terminal: give --console-socket")
+    spec = b.vm_spec(args.id)
+    if b.netns is not None:
+        from ..engine import tap
+
+        if tap.default_route(b.netns) is None:  # loopback only, as with `--network none`
+            log.write("info", f"network namespace {b.netns} has no route out: no network")
+            spec = spec.replace(network="none", netns=None)
     c = st.container(root, args.id)
     st.create_dir(c)
     try:
         c.write({"id": c.id, "bundle": str(bundle), "rootfs": b.root, "status": st.CREATING,
                  "created": st.rfc3339(time.time()), "annotations": dict(b.annotations),
-                 "vm": b.vm_spec(c.id).to_json(), "workload": b.process.workload().to_json(),
+                 "vm": spec.to_json(), "workload": b.process.workload().to_json(),
                  "debug": g.debug})
         for line in b.skipped:
             log.write("debug", f"mount {line}")

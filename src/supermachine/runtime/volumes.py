@@ -213,6 +213,11 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
                                      MountFlag.MKFILE | MountFlag.BIND | ro))
         slot += 1
     if root:
+        if spec.read_only:  # the guest cannot make mount points in a read-only root
+            for m in mounts:
+                if m.target.startswith(root + "/"):
+                    _make_mountpoint(shares[0].path, m.target[len(root) + 1:],
+                                     file=bool(m.flags & MountFlag.MKFILE))
         mounts.append(GuestMount("", root, "", "", MountFlag.PIVOT))
     elif spec.read_only:
         mounts.append(GuestMount("", "/", "", "", MountFlag.REMOUNT | MountFlag.RDONLY))
@@ -221,6 +226,35 @@ def plan(spec: VMSpec, home: Home) -> VolumePlan:
                          f"{MAX_COPIES_TOTAL >> 20} MiB")
     return VolumePlan(tuple(shares), blank, tuple(mounts), tuple(files), tuple(named),
                       tuple(disks), tuple(copies))
+
+
+def _make_mountpoint(root: Path, relative: str, *, file: bool) -> None:
+    """Create ``relative`` under the host directory ``root`` if missing, as runc makes mount
+    points in a root it then makes read-only. Each component is opened without following
+    symlinks: a hostile root cannot point this outside itself (a symlinked component is
+    left alone, and the guest's mount then fails on the read-only root, with its reason)."""
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    if ".." in parts or not parts:
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                if last and file:
+                    os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW |
+                                     os.O_CLOEXEC, 0o644, dir_fd=fd))
+                    return
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+            except OSError:
+                return
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
 
 
 def _check_slot(slot: int) -> None:
