@@ -9,10 +9,13 @@ finding, saved under fuzz/findings/ with the target's name.
 Targets (what a hostile guest, image or client controls):
 - agent: the guest->host agent stream, through `agent.protocol.Connection.receive` after
   the host's HELLO (decoder and session state machine);
-- control: detached VMs' control protocol (`detached.protocol.Decoder` + `parse_json`);
+- control: the control protocol of detached VMs and OCI containers
+  (`detached.protocol.Decoder`, `parse_json`, `parse_request`);
 - manifest: image indexes, manifests and configs (`images.manifest`);
 - layer: layer tars through the bounded tar reader (`images.tarsafe.open_stream`), every
   member's header and data read.
+- oci: an OCI bundle's config.json and an exec's process.json, as engines hand them to
+  supermachine-runtime (`oci.config.parse_bundle`, `parse_process`).
 
     .venv/bin/python fuzz/host.py [--cases N] [--seed S] [--target NAME ...] [--out FILE]
                                   [--coverage N]
@@ -41,6 +44,7 @@ from supermachine.agent import protocol as ap  # noqa: E402
 from supermachine.detached import protocol as cp  # noqa: E402
 from supermachine.errors import Error  # noqa: E402
 from supermachine.images import manifest, tarsafe  # noqa: E402
+from supermachine.oci import config as oci  # noqa: E402
 
 NONCE = b"N" * ap.NONCE_SIZE
 MAX_CASE = 1 << 16
@@ -81,6 +85,8 @@ def agent_check(data: bytes) -> None:
 def control_seeds() -> list[bytes]:
     k = cp.Kind
     return [cp.encode_json(k(1), {"argv": ["sh"], "tty": False}),
+            cp.encode_request(cp.SignalRequest(15)) + cp.encode_request(cp.StartRequest())
+            + cp.encode_request(cp.PauseRequest(True)),
             cp.encode_data(k(2), b"stdin bytes") + cp.encode_resize(24, 80)
             + cp.encode_signal(15),
             cp.encode_json(k(1), {"a": [1, 2, {"b": None}]}) + cp.encode(k(3))]
@@ -90,7 +96,9 @@ def control_check(data: bytes) -> None:
     d = cp.Decoder()
     try:
         for frame in d.feed(data):
-            if frame.payload[:1] == b"{":
+            if frame.kind == cp.Kind.REQUEST:
+                cp.parse_request(frame)
+            elif frame.payload[:1] == b"{":
                 cp.parse_json(frame)
             if len(frame.payload) == 4:
                 cp.parse_resize(frame)
@@ -163,10 +171,42 @@ def layer_check(data: bytes) -> None:
         return
 
 
+def oci_seeds() -> list[bytes]:
+    process = {"terminal": False, "user": {"uid": 0, "gid": 0, "additionalGids": [0, 10]},
+               "args": ["sh", "-c", "echo hi"], "env": ["PATH=/bin", "TERM=xterm"],
+               "cwd": "/", "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}]}
+    podman = {"ociVersion": "1.0.2-dev", "process": process, "hostname": "h",
+              "root": {"path": "/var/lib/containers/storage/overlay/x/merged"},
+              "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                         {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts",
+                          "options": ["bind", "rprivate"]},
+                         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                          "options": ["size=65536k"]}],
+              "annotations": {oci.MEMORY_ANNOTATION: "1G", "io.container.manager": "libpod"},
+              "linux": {"namespaces": [{"type": "pid"},
+                                       {"type": "network", "path": "/run/netns/n"}],
+                        "resources": {"memory": {"limit": 268435456},
+                                      "cpu": {"quota": 200000, "period": 100000}}}}
+    containerd = {"ociVersion": "1.0.2", "process": process, "root": {"path": "rootfs"},
+                  "mounts": [], "linux": {"namespaces": [{"type": "network"}]}}
+    return [json.dumps(x).encode() for x in (podman, containerd, process)]
+
+
+def oci_check(data: bytes) -> None:
+    try:
+        oci.parse_bundle(Path("/bundle"), data)
+    except Error:
+        pass
+    try:
+        oci.parse_process(oci.load_json(data, "process.json"))
+    except Error:
+        pass
+
+
 #: the parsing code whose lines count as each target's coverage (functions and classes)
 PARSERS = {
     "agent": (ap.Decoder, ap._parse, ap._text, ap.Connection.receive, ap.Connection._check),
-    "control": (cp.Decoder, cp.parse_json, cp.parse_resize),
+    "control": (cp.Decoder, cp.parse_json, cp.parse_resize, cp.parse_request),
     "manifest": (manifest.load_json, manifest._no_duplicates, manifest._depth_ok,
                  manifest._str, manifest._int, manifest._str_list, manifest._str_map,
                  manifest.parse_descriptor, manifest._check_schema, manifest.parse_index,
@@ -174,6 +214,9 @@ PARSERS = {
     "layer": (tarsafe.BoundedTarInfo, tarsafe.open_stream, tarfile.TarInfo.frombuf,
               tarfile.TarInfo._proc_member, tarfile.TarInfo._proc_pax,
               tarfile.TarInfo._proc_gnulong, tarfile.TarFile.next),
+    "oci": (oci.load_json, oci.parse_bundle, oci.parse_process, oci._mounts, oci._network,
+            oci._annotations, oci._memory, oci._cpus, oci._tmpfs_size, oci._obj, oci._list,
+            oci._text, oci._texts, oci._bool, oci._id),
 }
 
 TARGETS: dict[str, tuple[Callable[[], list[bytes]], Callable[[bytes], None]]] = {
@@ -181,6 +224,7 @@ TARGETS: dict[str, tuple[Callable[[], list[bytes]], Callable[[bytes], None]]] = 
     "control": (control_seeds, control_check),
     "manifest": (manifest_seeds, manifest_check),
     "layer": (layer_seeds, layer_check),
+    "oci": (oci_seeds, oci_check),
 }
 
 

@@ -129,7 +129,12 @@ def mini_engine(runtime: Path, bundle: Path, cid: str) -> subprocess.Popen:
 
 
 def engine_events(proc: subprocess.Popen) -> tuple[str, list[dict]]:
-    out, _ = proc.communicate(timeout=180)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its container process, and so the VM, die with it
+        proc.communicate()
+        raise
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     text = "".join(line + "\n" for line in out.splitlines() if not line.startswith("{"))
     return text, events
@@ -156,6 +161,27 @@ def test_create_start_and_the_exit_status(runtime: Path, oci_dir: Path) -> None:
     assert events[-1]["exit"] == 0
     assert (bundle2 / "rootfs" / "tmp" / "written").read_text() == "kept\n"
     rt(runtime, "delete", f"{cid}-2")
+
+
+def test_a_guest_out_of_memory_is_said_in_the_runtime_log(runtime: Path,
+                                                          oci_dir: Path) -> None:
+    cid = f"oom-{SESSION}"
+    # A shell string doubling in a 128 MiB VM: the guest kernel kills it.
+    bundle = make_bundle(oci_dir, ["sh", "-c", "s=0123456789; while :; do s=$s$s; done"])
+    config = json.loads((bundle / "config.json").read_text())
+    config["annotations"] = {"org.supermachine.memory": "128M"}
+    (bundle / "config.json").write_text(json.dumps(config))
+    log = oci_dir / f"{cid}.log"
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "tests.fixtures.mini_engine", str(runtime), str(bundle), cid],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "MINI_ENGINE_RUNTIME_ARGS": f"--log {log} --log-format json"})
+    _, events = engine_events(engine)
+    assert events[-1]["exit"] == 128 + signal.SIGKILL
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(e["level"] == "warning" and "ran out of memory" in e["msg"] and "128 MiB"
+               in e["msg"] for e in entries), entries
+    assert rt(runtime, "delete", cid).returncode == 0
 
 
 def test_exec_pause_kill_and_ps(runtime: Path, oci_dir: Path, tmp_path: Path) -> None:

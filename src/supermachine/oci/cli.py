@@ -34,23 +34,6 @@ PROG = "supermachine-runtime"
 DELETE_GRACE = 10.0
 
 
-class _Log:
-    """runc's --log: one line per message, text or JSON."""
-
-    def __init__(self, path: str | None, fmt: str) -> None:
-        self.path, self.fmt = path, fmt
-
-    def write(self, level: str, msg: str) -> None:
-        if not self.path:
-            return
-        now = st.rfc3339(time.time())
-        line = json.dumps({"level": level, "msg": msg, "time": now}) if self.fmt == "json" \
-            else f'time="{now}" level={level} msg={json.dumps(msg)}'
-        with contextlib.suppress(OSError):
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-
 def _global_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False, add_help=True,
                                 description="An OCI runtime whose containers are microVMs.")
@@ -121,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if g.version:
         print(f"{PROG} version {__version__}\nspec: {st.OCI_VERSION}")
         return 0
-    log = _Log(g.log, g.log_format)
+    log = st.RuntimeLog(g.log, g.log_format)
     if g.command not in COMMANDS:
         print(f"{PROG}: unknown command {str(g.command)[:32]!r}; one of: {', '.join(COMMANDS)}",
               file=sys.stderr)
@@ -139,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ---- create / start -----------------------------------------------------------------------
 
-def cmd_create(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_create(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     from . import config as oci_config
 
     bundle = Path(os.path.abspath(args.bundle))
@@ -162,7 +145,8 @@ def cmd_create(root: Path, args: Any, g: Any, log: _Log) -> int:
         c.write({"id": c.id, "bundle": str(bundle), "rootfs": b.root, "status": st.CREATING,
                  "created": st.rfc3339(time.time()), "annotations": dict(b.annotations),
                  "vm": spec.to_json(), "workload": b.process.workload().to_json(),
-                 "debug": g.debug})
+                 "debug": g.debug, "log": os.path.abspath(g.log) if g.log else None,
+                 "log_format": g.log_format})
         for line in b.skipped:
             log.write("debug", f"mount {line}")
         pid = _start_shim(c, args.console_socket, log)
@@ -174,7 +158,7 @@ def cmd_create(root: Path, args: Any, g: Any, log: _Log) -> int:
     return 0
 
 
-def _start_shim(c: st.Container, console_socket: str | None, log: _Log) -> int:
+def _start_shim(c: st.Container, console_socket: str | None, log: st.RuntimeLog) -> int:
     """Fork the container process (oci/shim.py); returns its pid once it reports."""
     slave = _send_new_pty(console_socket) if console_socket else None
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -250,7 +234,7 @@ def _write_pid_file(path: str, pid: int) -> None:
     os.replace(tmp, final)
 
 
-def cmd_start(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_start(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     from ..detached.client import request
     from ..detached.protocol import StartRequest
 
@@ -271,12 +255,12 @@ def _existing(root: Path, container_id: str) -> st.Container:
     return c
 
 
-def cmd_state(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_state(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     print(json.dumps(_existing(root, args.id).state(), indent=2))
     return 0
 
 
-def cmd_list(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_list(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     states = []
     for c in st.list_containers(root):
         with contextlib.suppress(Error):
@@ -294,7 +278,7 @@ def cmd_list(root: Path, args: Any, g: Any, log: _Log) -> int:
     return 0
 
 
-def cmd_ps(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_ps(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     """The host processes of the container: its process (the VM's owner) and each exec's."""
     c = _existing(root, args.id)
     state = c.state()
@@ -318,7 +302,7 @@ def _exec_pids(c: st.Container) -> list[int]:
     return sorted(out)
 
 
-def cmd_features(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_features(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     from . import config as oci_config
 
     print(json.dumps({
@@ -349,7 +333,7 @@ def parse_signal(text: str) -> int:
     return n
 
 
-def cmd_kill(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_kill(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     from ..detached.client import request
     from ..detached.protocol import PauseRequest, SignalRequest
 
@@ -375,7 +359,7 @@ def _kill_process(pid: int, signo: int) -> None:
         os.kill(pid, signo)
 
 
-def cmd_delete(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_delete(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     c = st.container(root, args.id)
     if not c.path.exists():
         if args.force:
@@ -404,11 +388,11 @@ def cmd_delete(root: Path, args: Any, g: Any, log: _Log) -> int:
     return 0
 
 
-def cmd_pause(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_pause(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     return _pause(root, args.id, True)
 
 
-def cmd_resume(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_resume(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     return _pause(root, args.id, False)
 
 
@@ -427,7 +411,7 @@ def _pause(root: Path, container_id: str, pause: bool) -> int:
 
 # ---- exec ---------------------------------------------------------------------------------
 
-def cmd_exec(root: Path, args: Any, g: Any, log: _Log) -> int:
+def cmd_exec(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     from ..detached.client import exec_in
     from ..detached.protocol import ExecRequest
     from . import config as oci_config

@@ -43,6 +43,7 @@ from . import state as st
 log = logging.getLogger("supermachine.oci.shim")
 
 PR_SET_PDEATHSIG = 1
+OOM_HINT = "org.supermachine.memory annotation or the engine's memory limit"
 START_TIMEOUT = 30.0  # `start` waits this long for the workload to be started
 REPARENT_WAIT = 30.0  # how long we wait for `create` to exit before giving up on PDEATHSIG
 
@@ -163,7 +164,32 @@ class Shim:
         if status.error:
             log.info("the workload: %s", status.error)
             _write(stderr, f"supermachine-runtime: {status.error}\n")
+        if status.exit_code == 128 + signal.SIGKILL and self._guest_oom_kills():
+            self._runtime_log(
+                "warning", f"container {self.c.id}: the guest ran out of memory and its kernel "
+                f"killed the workload ({self.vm.memory_mib} MiB; give the VM more with the "
+                f"{OOM_HINT})")
         return status.exit_code
+
+    def _guest_oom_kills(self) -> int:
+        """How many processes the guest kernel's out-of-memory killer has killed."""
+        try:
+            vmstat = self.vm.read_file("/proc/vmstat", max_size=1 << 16).decode()
+        except (Error, UnicodeDecodeError):
+            return 0
+        for line in vmstat.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+        return 0
+
+    def _runtime_log(self, level: str, msg: str) -> None:
+        """To the shim's log, and to the engine's --log as `create` was given it (containerd
+        reads it; runc reports there too)."""
+        log.warning("%s", msg)
+        path, fmt = self.record.get("log"), self.record.get("log_format", "text")
+        if isinstance(path, str) and path:
+            st.RuntimeLog(path, fmt if fmt in ("text", "json") else "text").write(level, msg)
 
     def _teardown(self, exit_code: int | None = None) -> None:
         if self.vm is not None:

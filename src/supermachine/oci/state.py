@@ -157,3 +157,20 @@ def list_containers(root: Path) -> list[Container]:
             with contextlib.suppress(UsageError):
                 out.append(container(root, entry.name))
     return out
+
+
+class RuntimeLog:
+    """runc's --log: one line per message, text or JSON."""
+
+    def __init__(self, path: str | None, fmt: str) -> None:
+        self.path, self.fmt = path, fmt
+
+    def write(self, level: str, msg: str) -> None:
+        if not self.path:
+            return
+        now = rfc3339(time.time())
+        line = json.dumps({"level": level, "msg": msg, "time": now}) if self.fmt == "json" \
+            else f'time="{now}" level={level} msg={json.dumps(msg)}'
+        with contextlib.suppress(OSError):
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
