@@ -6,7 +6,7 @@
     images.py     pull, images, rmi, prune, login, logout
     snapshots.py  snapshot, snapshots
     common.py     the state home, notices, tables, registry options
-    terminal.py   raw mode and the terminal pump; interrupts.py: signals as events
+    interrupts.py signals as events (the terminal pump is ../terminal.py, shared with oci/)
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     from ..detached import client, state
     from ..detached.protocol import ExecRequest
     from ..spec import env_items
-    from . import terminal
+    from .. import terminal
 
     if not args.cmd:
         raise UsageError("exec needs a command after the VM name")
