@@ -402,10 +402,11 @@ def test_podman_terminal(podman, runtime: Path) -> None:
     outs = {}
     for name, rtm in (("runc", "runc"), ("ours", runtime)):
         cmd = " ".join([*podman.base, "run", "--rm", "-it", "--runtime", str(rtm), *ULIMITS,
-                        podman.image, "sh", "-c", "'tty; exit 5'"])
+                        podman.image, "sh", "-c", "'sleep 1; tty; exit 5'"])
         p = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
                            timeout=180, stdin=subprocess.DEVNULL)
-        # script(1) echoes a stray NUL (as "^@") with either runtime
+        # script(1) echoes a stray NUL (as "^@") with either runtime. The sleep: podman
+        # attaches to the terminal after `start`, and may miss what a quicker one prints.
         outs[name] = (p.returncode, p.stdout.replace(b"\r", b"").replace(b"^@", b""))
     assert outs["ours"] == outs["runc"] == (5, b"/dev/pts/0\n")
 

@@ -73,10 +73,10 @@ COMMANDS = {"exec": add_exec, "cp": add_cp, "ps": add_ps, "logs": add_logs, "sto
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    from .. import terminal
     from ..detached import client, state
     from ..detached.protocol import ExecRequest
     from ..spec import env_items
-    from .. import terminal
 
     if not args.cmd:
         raise UsageError("exec needs a command after the VM name")

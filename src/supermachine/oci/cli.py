@@ -80,6 +80,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--all", "-a", action="store_true")
     elif command == "delete":
         p.add_argument("--force", "-f", action="store_true")
+    elif command == "update":
+        p.add_argument("--resources", "-r", required=True,
+                       help="a LinuxResources JSON file, or - for stdin")
     elif command in ("ps", "list"):
         p.add_argument("--format", "-f", choices=("table", "json"), default="table")
         if command == "list":
@@ -96,7 +99,7 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
 
 
 COMMANDS = ("create", "start", "state", "kill", "delete", "exec", "ps", "pause", "resume",
-            "list", "features")
+            "list", "features", "update")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,6 +317,21 @@ def cmd_features(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
         "annotations": {"org.supermachine.runtime": "microvm",
                         oci_config.MEMORY_ANNOTATION: "VM memory, e.g. 1G",
                         oci_config.CPUS_ANNOTATION: "VM vCPUs"}}, indent=2))
+    return 0
+
+
+def cmd_update(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
+    """CRI-O's `update --resources`: checked and recorded; a running VM keeps the memory and
+    vCPUs it was made with (no hotplug), which the log says."""
+    from . import config as oci_config
+
+    c = _existing(root, args.id)
+    data = sys.stdin.buffer.read(oci_config.MAX_CONFIG_BYTES + 1) if args.resources == "-" \
+        else oci_config.read_file(Path(args.resources), "resources")
+    resources = oci_config.load_json(data, "resources")
+    c.update(resources=resources)
+    log.write("warning", f"container {c.id}: resources recorded, not applied: the VM keeps "
+                         "the memory and vCPUs it was created with")
     return 0
 
 

@@ -75,7 +75,10 @@ MALFORMED = {
     "HELLO machine id not lowercase hex": frame(
         HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(4, b"ABCDEF0123456789" * 2)
     ),
-    "HELLO unknown setup tag": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(5, b"x")),
+    "HELLO unknown setup tag": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(6, b"x")),
+    "HELLO empty NETWORK": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(5, b"")),
+    "HELLO long NETWORK": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 +
+                                tlv(5, b"1" * 97)),
     "HELLO repeated setup": frame(
         HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(3, b"a") + tlv(3, b"b")
     ),

@@ -113,6 +113,25 @@ def test_state_follows_the_lock(tmp_path: Path) -> None:
     assert not c.path.exists()
 
 
+def test_update_records_resources_and_says_they_are_not_applied(tmp_path: Path) -> None:
+    c, fd = fake_container(tmp_path, "c1", st.RUNNING, alive=True)
+    try:
+        log = tmp_path / "log.json"
+        p = subprocess.run([*RUNTIME, "--root", str(tmp_path), "--log", str(log),
+                            "--log-format", "json", "update", "--resources", "-", "c1"],
+                           input=b'{"memory": {"limit": 1073741824}}', capture_output=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert c.read()["resources"] == {"memory": {"limit": 1073741824}}
+        assert "not applied" in json.loads(log.read_text())["msg"]
+        p = subprocess.run([*RUNTIME, "--root", str(tmp_path), "update", "--resources", "-",
+                            "c1"], input=b"[1]", capture_output=True, timeout=60)
+        assert p.returncode == 1 and b"not a JSON object" in p.stderr
+    finally:
+        assert fd is not None
+        os.close(fd)
+
+
 def test_create_refuses_an_existing_container(tmp_path: Path) -> None:
     fake_container(tmp_path, "c1", st.STOPPED, alive=False)
     bundle = tmp_path / "b"
