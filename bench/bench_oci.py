@@ -37,19 +37,15 @@ RUNC = "podman + runc"
 
 
 def wrapper(home: common.Home, directory: Path) -> Path:
-    env = {**common.home_env(home), "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
-           ":/sbin:/bin"}
     import os
 
+    from tests.fixtures.oci import runtime_wrapper
+
+    env = common.home_env(home)
     for name in ("SUPERMACHINE_KERNELS", "SUPERMACHINE_DOWNLOADS"):
         if os.environ.get(name):
             env[name] = os.environ[name]
-    script = directory / "supermachine-runtime"
-    exports = "".join(f"export {k}='{v}'\n" for k, v in env.items())
-    script.write_text(f"#!/bin/sh\n{exports}exec {sys.executable} -m supermachine.oci.cli "
-                      f"--root {directory / 'state'} \"$@\"\n")
-    script.chmod(0o755)
-    return script
+    return runtime_wrapper(directory, env)
 
 
 def main() -> int:

@@ -206,6 +206,46 @@ def _check_total(*groups: Sequence[str]) -> None:
         raise UsageError("the command and environment are too large (over 1 MiB)")
 
 
+#: resource limits by docker's `--ulimit` names, with Linux's RLIMIT_* numbers
+RLIMITS = {"cpu": 0, "fsize": 1, "data": 2, "stack": 3, "core": 4, "rss": 5, "nproc": 6,
+           "nofile": 7, "memlock": 8, "as": 9, "locks": 10, "sigpending": 11, "msgqueue": 12,
+           "nice": 13, "rtprio": 14, "rttime": 15}
+RLIM_INFINITY = (1 << 64) - 1
+
+
+def _rlimits(value: object) -> tuple[tuple[str, int, int], ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) > len(RLIMITS):
+        raise UsageError("rlimits must be a list of [name, soft, hard] (at most one per limit)")
+    out: list[tuple[str, int, int]] = []
+    for item in value:
+        if not (isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 3):
+            raise UsageError("an rlimit is [name, soft, hard]")
+        name, soft, hard = item
+        if name not in RLIMITS or any(n == name for n, _, _ in out):
+            raise UsageError(f"unknown or repeated rlimit {str(name)[:32]!r}: use "
+                             f"{', '.join(RLIMITS)}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (soft, hard)) or \
+                not 0 <= soft <= hard <= RLIM_INFINITY:
+            raise UsageError(f"rlimit {name}: want 0 <= soft <= hard")
+        out.append((name, soft, hard))
+    return tuple(out)
+
+
+def parse_ulimit(text: str) -> tuple[str, int, int]:
+    """docker's ``--ulimit NAME=SOFT[:HARD]`` (-1: unlimited; HARD defaults to SOFT)."""
+    name, sep, values = text.partition("=")
+    soft_text, _, hard_text = values.partition(":")
+    try:
+        soft, hard = (RLIM_INFINITY if v.strip() == "-1" else int(v)
+                      for v in (soft_text, hard_text or soft_text))
+    except ValueError:
+        soft = hard = -1
+    if not sep or name not in RLIMITS or soft < 0 or hard < 0:
+        raise UsageError(f"invalid --ulimit {text[:64]!r}: use NAME=SOFT[:HARD] with NAME one "
+                         f"of {', '.join(RLIMITS)}")
+    return name, soft, hard
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     """What to run: overrides of the image's config, applied the way docker applies them.
@@ -222,8 +262,12 @@ class WorkloadSpec:
     user: str | None = None
     stdin: bool = False
     tty: bool = False
+    #: ``(name, soft, hard)`` set in the process (`RLIMITS` names, like docker's --ulimit);
+    #: the guest's defaults otherwise
+    rlimits: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rlimits", _rlimits(self.rlimits))
         if self.entrypoint is not None:
             object.__setattr__(self, "entrypoint", _texts(
                 self.entrypoint, "entrypoint", limit=MAX_ARGS, item_limit=MAX_ARG, empty=True))
@@ -262,7 +306,13 @@ class WorkloadSpec:
     def to_json(self) -> dict[str, Any]:
         return {"entrypoint": None if self.entrypoint is None else list(self.entrypoint),
                 "cmd": list(self.cmd), "env": list(self.env), "workdir": self.workdir,
-                "user": self.user, "stdin": self.stdin, "tty": self.tty}
+                "user": self.user, "stdin": self.stdin, "tty": self.tty,
+                "rlimits": [list(r) for r in self.rlimits]}
+
+    @property
+    def rlimit_numbers(self) -> tuple[tuple[int, int, int], ...]:
+        """The rlimits as the guest agent takes them."""
+        return tuple((RLIMITS[name], soft, hard) for name, soft, hard in self.rlimits)
 
     @classmethod
     def from_json(cls, obj: object) -> WorkloadSpec:

@@ -54,3 +54,15 @@ def test_rm_with_detach_removes_the_record_when_the_vm_exits(cli, busybox):
 def test_rm_attached_is_accepted(cli, busybox):
     r = cli("run", "--rm", str(busybox), "echo", "ok")
     assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
+
+
+def test_ulimit_as_docker_takes_it(cli, busybox):
+    """--ulimit NAME=SOFT[:HARD] sets the workload's limits (the guest's defaults otherwise:
+    1048576 open files, docker's default too), on run and on a bad value one line."""
+    r = cli("run", "--rm", "--ulimit", "nofile=512:1000", "--ulimit", "core=0", str(busybox),
+            "sh", "-c", "ulimit -n; ulimit -Hn; ulimit -c")
+    assert (r.returncode, r.stdout) == (0, b"512\n1000\n0\n"), r.stderr
+    r = cli("run", "--rm", str(busybox), "sh", "-c", "ulimit -n")
+    assert (r.returncode, r.stdout) == (0, b"1048576\n")
+    r = cli("run", "--rm", "--ulimit", "nofiles=1", str(busybox), "true")
+    assert r.returncode == 2 and b"invalid --ulimit" in r.stderr and r.stderr.count(b"\n") == 1

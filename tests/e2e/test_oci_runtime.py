@@ -32,6 +32,7 @@ import pytest
 from tests.conftest import SESSION
 from tests.e2e.conftest import qemu_pids
 from tests.fixtures import images as fx
+from tests.fixtures.oci import runtime_wrapper
 
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 REPO = Path(__file__).resolve().parents[2]
@@ -49,17 +50,11 @@ def oci_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runtime(home: Path, oci_dir: Path) -> Path:
     """The wrapper script engines call."""
-    env = {"SUPERMACHINE_HOME": str(home), "SUPERMACHINE_TEST_SESSION": SESSION,
-           "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    env = {"SUPERMACHINE_HOME": str(home), "SUPERMACHINE_TEST_SESSION": SESSION}
     for name in ("SUPERMACHINE_KERNELS", "SUPERMACHINE_DOWNLOADS", "SUPERMACHINE_JAIL"):
         if os.environ.get(name):
             env[name] = os.environ[name]
-    script = oci_dir / "supermachine-runtime"
-    exports = "".join(f"export {k}='{v}'\n" for k, v in env.items())
-    script.write_text(f"#!/bin/sh\n{exports}exec {sys.executable} -m supermachine.oci.cli "
-                      f"--root {oci_dir / 'state'} \"$@\"\n")
-    script.chmod(0o755)
-    return script
+    return runtime_wrapper(oci_dir, env)
 
 
 def make_rootfs(path: Path) -> Path:
@@ -368,6 +363,7 @@ def podman(tmp_path_factory, busybox: Path):
     (["-i"], ["cat"], "line one\nline two\n"),
     (["--network", "none"], ["ls", "/sys/class/net"], None),
     (["--read-only"], ["sh", "-c", "touch /x; echo $?"], None),
+    (["--ulimit", "nofile=512:1000"], ["sh", "-c", "ulimit -n; ulimit -Hn"], None),
 ])
 def test_podman_run_matches_runc(podman, runtime: Path, flags: list[str], args: list[str],
                                  stdin: str | None) -> None:

@@ -7,6 +7,7 @@ import pytest
 from supermachine.errors import UsageError
 from supermachine.spec import (
     DEFAULT_PATH,
+    WorkloadSpec,
     env_items,
     parse_cpus,
     parse_hostname,
@@ -116,3 +117,21 @@ def test_random_machine_ids_are_v4_shaped_and_distinct():
     assert len(ids) == 200
     for i in ids:
         assert parse_machine_id(i) == i and i[12] == "4" and i[16] in "89ab"
+
+
+def test_rlimits_as_docker_names_them():
+    from supermachine.spec import RLIM_INFINITY, parse_ulimit
+
+    assert parse_ulimit("nofile=1024") == ("nofile", 1024, 1024)
+    assert parse_ulimit("nproc=10:20") == ("nproc", 10, 20)
+    assert parse_ulimit("core=-1") == ("core", RLIM_INFINITY, RLIM_INFINITY)
+    for bad in ("nofile", "nofiles=1", "nofile=x", "nofile=-2", "=1"):
+        with pytest.raises(UsageError, match="--ulimit"):
+            parse_ulimit(bad)
+    w = WorkloadSpec(rlimits=(("nofile", 10, 20), ("core", 0, 0)))
+    assert w.rlimit_numbers == ((7, 10, 20), (4, 0, 0))
+    assert WorkloadSpec.from_json(w.to_json()) == w
+    for bad in ([("nofile", 20, 10)], [("nofile", 1, 1), ("nofile", 1, 1)], [("x", 1, 1)],
+                [("nofile", 1)], "nofile", [("nofile", True, 1)]):
+        with pytest.raises(UsageError):
+            WorkloadSpec(rlimits=bad)

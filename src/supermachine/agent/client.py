@@ -257,8 +257,10 @@ class AgentClient:
         tty: bool = False,
         winsize: tuple[int, int] | None = None,
         keep: bool = False,
+        rlimits: Sequence[tuple[int, int, int]] = (),
     ) -> Process:
-        """Start a process and return a streaming handle (see `Process`)."""
+        """Start a process and return a streaming handle (see `Process`). ``rlimits``:
+        ``(resource, soft, hard)`` set in it (see `protocol.encode_exec`)."""
         return Process(
             self,
             self._open(
@@ -270,6 +272,7 @@ class AgentClient:
                 tty=tty,
                 winsize=winsize,
                 keep=keep,
+                rlimits=rlimits,
             ),
             label=_b(argv[0]).decode(errors="replace") if argv else "?",
         )
@@ -444,13 +447,14 @@ class AgentClient:
         keep: bool = False,
         op: Op = Op.RUN,
         mode: int | None = None,
+        rlimits: Sequence[tuple[int, int, int]] = (),
     ) -> _Session:
         with self._cond:
             self._raise_if_failed()
             try:
                 channel, frame = self._conn.open(
                     argv, env=env, cwd=cwd, user=user, stdin=stdin, tty=tty,
-                    keep=keep, winsize=winsize, op=op, mode=mode,
+                    keep=keep, winsize=winsize, op=op, mode=mode, rlimits=rlimits,
                 )  # fmt: skip
             except ValueError as e:
                 raise VMError(f"cannot run that command: {e}") from None

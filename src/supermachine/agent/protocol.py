@@ -116,7 +116,12 @@ class ExecTag(enum.IntEnum):
     WINSIZE = 6
     OP = 7
     MODE = 8
+    RLIMITS = 9  # u32 resource | u64 soft | u64 hard, repeated: setrlimit before exec
 
+
+MAX_RLIMITS = 16
+RLIMIT_RESOURCES = 16  # RLIMIT_CPU .. RLIMIT_RTTIME
+_RLIMIT = struct.Struct("<IQQ")
 
 FLAG_STDIN = 1
 FLAG_TTY = 2
@@ -271,8 +276,11 @@ def encode_exec(
     winsize: tuple[int, int] | None = None,
     op: Op = Op.RUN,
     mode: int | None = None,
+    rlimits: Sequence[tuple[int, int, int]] = (),
 ) -> bytes:
-    """EXEC opening ``channel``. Raises ValueError when it would not fit or is malformed."""
+    """EXEC opening ``channel``. Raises ValueError when it would not fit or is malformed.
+    ``rlimits``: ``(resource, soft, hard)`` (Linux RLIMIT_* numbers; RLIM_INFINITY as
+    2**64-1), set in the process before its ids change."""
     _check_channel(channel)
     if not argv:
         raise ValueError("argv must have at least one entry")
@@ -305,6 +313,15 @@ def encode_exec(
         if not 0 <= mode <= 0o7777:
             raise ValueError(f"mode {mode:#o} is not a permission mode")
         parts.append(_tlv(ExecTag.MODE, _U32.pack(mode)))
+    if rlimits:
+        if len(rlimits) > MAX_RLIMITS:
+            raise ValueError(f"at most {MAX_RLIMITS} rlimits are allowed")
+        entries = b""
+        for resource, soft, hard in rlimits:
+            if not 0 <= resource < RLIMIT_RESOURCES or not 0 <= soft <= hard < 1 << 64:
+                raise ValueError(f"malformed rlimit {(resource, soft, hard)!r}")
+            entries += _RLIMIT.pack(resource, soft, hard)
+        parts.append(_tlv(ExecTag.RLIMITS, entries))
     payload = b"".join(parts)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(
@@ -662,6 +679,7 @@ class Connection:
         winsize: tuple[int, int] | None = None,
         op: Op = Op.RUN,
         mode: int | None = None,
+        rlimits: Sequence[tuple[int, int, int]] = (),
     ) -> tuple[int, bytes]:
         """Open a session: returns its channel and the EXEC frame."""
         if not self.ready:
@@ -674,7 +692,7 @@ class Connection:
         flags = (FLAG_STDIN if stdin else 0) | (FLAG_TTY if tty else 0) | (FLAG_KEEP if keep else 0)
         frame = encode_exec(
             channel, argv, env=env, cwd=cwd, user=user, flags=flags,
-            winsize=winsize, op=op, mode=mode,
+            winsize=winsize, op=op, mode=mode, rlimits=rlimits,
         )  # fmt: skip
         state = SessionState(channel, op, stdin, tty)
         state.send_window = INITIAL_WINDOW if stdin else 0

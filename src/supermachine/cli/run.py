@@ -36,6 +36,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="read environment variables from FILE (docker's format: KEY=VALUE "
                         "lines, # comments; -e wins over it)")
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the VM")
+    p.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]",
+                   help="a resource limit of the workload, as docker's (e.g. nofile=1024)")
     p.add_argument("-u", "--user", metavar="USER", help="user[:group] or uid[:gid] to run as")
     p.add_argument("--entrypoint", metavar="CMD", help="override the image's entrypoint")
     p.add_argument("-m", "--memory", help="guest memory (default 512M)")
@@ -101,7 +103,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def specs(args: argparse.Namespace):
     """The VM and the workload `run` asks for: the only place its options are read."""
-    from ..spec import VMSpec, WorkloadSpec, env_items
+    from ..spec import VMSpec, WorkloadSpec, env_items, parse_ulimit
 
     given = {"memory": args.memory, "cpus": args.cpus, "accel": args.accel,
              "pull": args.pull, "network": args.network}
@@ -118,7 +120,8 @@ def specs(args: argparse.Namespace):
     work = WorkloadSpec(
         entrypoint=None if args.entrypoint is None else (args.entrypoint,),
         cmd=tuple(args.cmd), env=(*env, *env_items(args.env, os.environ)), workdir=args.workdir,
-        user=args.user, stdin=stdin, tty=args.tty)
+        user=args.user, stdin=stdin, tty=args.tty,
+        rlimits=tuple(parse_ulimit(u) for u in args.ulimit))
     return vm, work
 
 

@@ -141,6 +141,7 @@ class ExecRequest:
     stdin: bool = False
     tty: bool = False
     winsize: tuple[int, int] | None = None
+    rlimits: tuple[tuple[str, int, int], ...] = ()  # (name, soft, hard), checked by the VM
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def encode_request(req: Request) -> bytes:
         obj: dict[str, object] = {
             "op": "exec", "argv": list(req.argv), "env": list(req.env), "cwd": req.cwd,
             "user": req.user, "stdin": req.stdin, "tty": req.tty,
-            "winsize": list(req.winsize) if req.winsize else None}
+            "winsize": list(req.winsize) if req.winsize else None,
+            "rlimits": [list(r) for r in req.rlimits]}
     elif isinstance(req, ReadRequest):
         obj = {"op": "read", "path": req.path}
     elif isinstance(req, WriteRequest):
@@ -231,7 +233,8 @@ def parse_request(frame: Frame) -> Request:
                            cwd=_opt_str(obj.get("cwd"), "cwd"),
                            user=_opt_str(obj.get("user"), "user"),
                            stdin=_bool(obj.get("stdin", False), "stdin"),
-                           tty=_bool(obj.get("tty", False), "tty"), winsize=ws)
+                           tty=_bool(obj.get("tty", False), "tty"), winsize=ws,
+                           rlimits=_rlimits(obj.get("rlimits", [])))
     if op == "read":
         return ReadRequest(_path(obj.get("path")))
     if op == "write":
@@ -260,6 +263,14 @@ def parse_request(frame: Frame) -> Request:
     if op in ("pause", "resume"):
         return PauseRequest(op == "pause")
     raise ControlError(f"unknown request {str(op)[:32]!r}")
+
+
+def _rlimits(v: object) -> tuple[tuple[str, int, int], ...]:
+    if not isinstance(v, list) or len(v) > 16 or not all(
+            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and len(r[0]) <= 16
+            and _is_int(r[1]) and _is_int(r[2]) for r in v):
+        raise ControlError("request field rlimits must be a list of [name, soft, hard]")
+    return tuple((r[0], r[1], r[2]) for r in v)
 
 
 def _is_int(v: object) -> bool:

@@ -145,7 +145,8 @@ class ControlServer:
 
     def _exec(self, conn: FrameSocket, req: ExecRequest, threads: ThreadGroup) -> None:
         proc = self.vm.spawn(list(req.argv), env=list(req.env), cwd=req.cwd, user=req.user,
-                             stdin=req.stdin, tty=req.tty, winsize=req.winsize)
+                             stdin=req.stdin, tty=req.tty, winsize=req.winsize,
+                             rlimits=req.rlimits)
         with proc:
             threads.start(_pump_client_input, conn, proc, name="exec-in")
             for stream, data in proc:

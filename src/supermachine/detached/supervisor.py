@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from ..errors import Error, VMError
 from ..home import Home
 from ..runtime.threads import ThreadGroup
 from ..spec import VMSpec, WorkloadSpec
+from . import ready
 from . import state as detached
 from .logfile import DEFAULT_MAX_BYTES, LogWriter, StderrCap
 from .protocol import Kind, SnapshotRequest, StopRequest, encode_data
@@ -78,7 +78,9 @@ def launch(home: Home, name: str | None, spec: VMSpec, workload: WorkloadSpec, *
         os.close(lock_fd)  # the supervisor holds the lock from here on
     # Interrupted while waiting (Ctrl-C), we leave: the supervisor finds the pipe closed
     # when it reports, and then destroys the VM and its directory itself.
-    report = _read_report(ready_r)
+    report = ready.receive(ready_r)
+    if report is None:
+        report = {"error": "the VM's supervisor died while starting; run again with --debug"}
     if report.get("ok"):
         return d.name
     # Nothing ran: free the name again, once the supervisor has let go of the directory.
@@ -104,24 +106,6 @@ def _start_process(d: VMDir, lock_fd: int, ready_w: int) -> None:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errlog,
             pass_fds=(lock_fd, ready_w), start_new_session=True, cwd="/", env=env)
     proc.wait()  # the intermediate process exits as soon as it has forked the supervisor
-
-
-def _read_report(fd: int) -> dict[str, object]:
-    """The supervisor's one-line JSON report; EOF without one means it died."""
-    data = b""
-    try:
-        while len(data) < 65536:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(fd)
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return {"error": "the VM's supervisor died while starting; run again with --debug"}
-    return obj if isinstance(obj, dict) else {"error": "the VM's supervisor misbehaved"}
 
 
 def _rmtree_quiet(d: VMDir) -> None:
@@ -215,15 +199,7 @@ class Supervisor:
     def _report(self, obj: dict[str, object]) -> bool:
         """Tell the launcher how the start went; False if it is no longer listening."""
         fd, self._ready_fd = self._ready_fd, None
-        if fd is None:
-            return False
-        try:
-            os.write(fd, json.dumps(obj).encode())
-            return True
-        except OSError:  # EPIPE: the launcher was interrupted
-            return False
-        finally:
-            os.close(fd)
+        return fd is not None and ready.send(fd, obj)
 
     def _teardown(self, record: bool = True) -> None:
         if self.vm is not None:
@@ -322,12 +298,17 @@ def main(argv: list[str]) -> int:
     d = VMDir(path)
     stderr = StderrCap(d.supervisor_log)  # bounded: console echo and passt write here too
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s")
+    supervisor = None
     try:
-        return Supervisor(d, ready_fd).run()
+        supervisor = Supervisor(d, ready_fd)
+        return supervisor.run()
     except Exception as e:  # still report something, so `run -d` never waits in vain
         log.exception("supervisor failed")
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, json.dumps({"error": f"internal error: {e}"}).encode())
+        report = {"error": f"internal error: {e}"}
+        if supervisor is None:
+            ready.send(ready_fd, report)
+        else:
+            supervisor._report(report)  # nothing when it reported already (the fd is closed)
         return 1
     finally:
         sys.stderr.flush()

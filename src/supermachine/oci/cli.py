@@ -188,7 +188,9 @@ def _start_shim(c: st.Container, console_socket: str | None, log: st.RuntimeLog)
     os.close(ready_w)
     if slave is not None:
         os.close(slave)
-    report = _read_report(ready_r)
+    from ..detached import ready
+
+    report = ready.receive(ready_r) or {}
     if not report.get("ok"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -214,20 +216,6 @@ def _send_new_pty(path: str) -> int:
     finally:
         os.close(master)
     return slave
-
-
-def _read_report(fd: int) -> dict[str, Any]:
-    data = b""
-    try:
-        while len(data) < 65536 and (chunk := os.read(fd, 65536)):
-            data += chunk
-    finally:
-        os.close(fd)
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _write_pid_file(path: str, pid: int) -> None:
@@ -454,6 +442,7 @@ def cmd_exec(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     from .shim import make_controlling_raw
 
     req = ExecRequest(argv=p.args, env=p.env, cwd=p.cwd, user=p.user, stdin=True,
+                      rlimits=p.rlimits,
                       tty=p.terminal, winsize=terminal.winsize(slave if slave is not None
                                                                else 0) if p.terminal else None)
     proc = exec_in(c, req)  # connected before we return: the exec has started

@@ -27,6 +27,8 @@ from ..errors import UsageError
 from ..spec import (
     DEFAULT_MEMORY_MIB,
     MAX_SHARES,
+    RLIM_INFINITY,
+    RLIMITS,
     Mount,
     VMSpec,
     WorkloadSpec,
@@ -65,6 +67,7 @@ class Process:
     gid: int
     additional_gids: tuple[int, ...]
     terminal: bool
+    rlimits: tuple[tuple[str, int, int], ...] = ()  # (docker's name, soft, hard)
 
     @property
     def user(self) -> str:
@@ -73,7 +76,8 @@ class Process:
 
     def workload(self) -> WorkloadSpec:
         return WorkloadSpec(entrypoint=self.args, cmd=(), env=self.env, workdir=self.cwd,
-                            user=self.user, stdin=True, tty=self.terminal)
+                            user=self.user, stdin=True, tty=self.terminal,
+                            rlimits=self.rlimits)
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,25 @@ def parse_process(obj: object, what: str = "process") -> Process:
     if len(groups) > MAX_GROUPS:
         raise BundleError(f"{what}.user.additionalGids has more than {MAX_GROUPS} groups")
     return Process(args=args, env=env, cwd=cwd, uid=uid, gid=gid, additional_gids=groups,
-                   terminal=_bool(p.get("terminal", False), f"{what}.terminal"))
+                   terminal=_bool(p.get("terminal", False), f"{what}.terminal"),
+                   rlimits=_process_rlimits(p.get("rlimits") or [], f"{what}.rlimits"))
+
+
+def _process_rlimits(value: object, what: str) -> tuple[tuple[str, int, int], ...]:
+    """``[{"type": "RLIMIT_NOFILE", "soft": N, "hard": N}, ...]`` as docker's names; a
+    repeated type takes its last value, as runc does."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for i, item in enumerate(_list(value, what)):
+        r = _obj(item, f"{what}[{i}]")
+        kind = _text(r.get("type"), f"{what}[{i}].type")
+        name = kind.lower().removeprefix("rlimit_")
+        if name not in RLIMITS:
+            raise BundleError(f"{what}[{i}]: unknown rlimit type {kind[:32]!r}")
+        soft, hard = (_u64(r.get(k), f"{what}[{i}].{k}") for k in ("soft", "hard"))
+        if soft > hard:
+            raise BundleError(f"{what}[{i}]: soft limit above the hard limit")
+        out[name] = (name, soft, hard)
+    return tuple(out.values())
 
 
 def _mounts(value: object) -> tuple[tuple[Mount, ...], tuple[str, ...]]:
@@ -295,6 +317,12 @@ def _texts(value: object, what: str) -> tuple[str, ...]:
 def _bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise BundleError(f"{what} must be true or false")
+    return value
+
+
+def _u64(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= RLIM_INFINITY:
+        raise BundleError(f"{what} must be a number from 0 to 2^64-1")
     return value
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..detached import ready
 from ..errors import Error
 from ..spec import VMSpec, WorkloadSpec
 from . import state as st
@@ -115,15 +115,7 @@ class Shim:
 
     def _report(self, obj: dict[str, object]) -> bool:
         fd, self._ready_fd = self._ready_fd, None
-        if fd is None:
-            return False
-        try:
-            os.write(fd, json.dumps(obj).encode())
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        return fd is not None and ready.send(fd, obj)
 
     def _die_with_engine(self) -> None:
         """Once `create` (our parent) has exited, die with whoever adopted us."""
@@ -275,7 +267,7 @@ def run(c: st.Container, ready_fd: int, creator: int) -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.write(ready_fd, json.dumps({"error": f"container {c.id} is in use"}).encode())
+        ready.send(ready_fd, {"error": f"container {c.id} is in use"})
         return 1
     record = c.read()
     terminal = bool(record.get("workload", {}).get("tty"))
@@ -285,12 +277,17 @@ def run(c: st.Container, ready_fd: int, creator: int) -> int:
     cap = StderrCap(c.shim_log)  # bounded: QEMU's console echo could fill it otherwise
     logging.basicConfig(level=logging.DEBUG if record.get("debug") else logging.INFO,
                         format="%(asctime)s shim: %(message)s", force=True)
+    shim = None
     try:
-        return Shim(c, ready_fd, stdio, creator).run()
+        shim = Shim(c, ready_fd, stdio, creator)
+        return shim.run()
     except Exception as e:
         log.exception("the container process failed")
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, json.dumps({"error": f"internal error: {e}"}).encode())
+        report = {"error": f"internal error: {e}"}
+        if shim is None:
+            ready.send(ready_fd, report)
+        else:
+            shim._report(report)  # nothing when it reported already (the fd is closed)
         return 1
     finally:
         sys.stderr.flush()

@@ -415,11 +415,13 @@ class VM:
 
     def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | Sequence[str] | None = None,
               cwd: str | None = None, user: str | None = None, stdin: bool = False,
-              tty: bool = False, winsize: tuple[int, int] | None = None) -> Process:
-        """Start ``argv`` and return a streaming `Process` handle."""
+              tty: bool = False, winsize: tuple[int, int] | None = None,
+              rlimits: Sequence[tuple[str, int, int]] = ()) -> Process:
+        """Start ``argv`` and return a streaming `Process` handle. ``rlimits``: ``(name,
+        soft, hard)`` with docker's --ulimit names (`spec.RLIMITS`)."""
         return self.start_workload(WorkloadSpec.command(
-            argv, env=env_items(env), workdir=cwd, user=user, stdin=stdin, tty=tty),
-            winsize=winsize)
+            argv, env=env_items(env), workdir=cwd, user=user, stdin=stdin, tty=tty,
+            rlimits=tuple(rlimits)), winsize=winsize)
 
     def start_workload(self, spec: WorkloadSpec,
                        winsize: tuple[int, int] | None = None) -> Process:
@@ -428,7 +430,7 @@ class VM:
         work = self.workload(spec)
         return self._agent().spawn(list(work.argv), env=list(work.env), cwd=work.cwd,
                                    user=work.user, stdin=spec.stdin, tty=spec.tty,
-                                   winsize=winsize)
+                                   winsize=winsize, rlimits=spec.rlimit_numbers)
 
     def read_file(self, path: str, *, max_size: int = 1 << 30) -> bytes:
         return self._agent().read_file(path, max_size=max_size)

@@ -109,6 +109,10 @@ def test_exec_tlvs_in_order():
         ([b"x"], {"flags": 8}),
         ([b"x"] * 4097, {}),
         ([b"x" * 70000], {}),
+        ([b"x"], {"rlimits": [(16, 1, 1)]}),
+        ([b"x"], {"rlimits": [(7, 2, 1)]}),
+        ([b"x"], {"rlimits": [(7, 1, 1 << 64)]}),
+        ([b"x"], {"rlimits": [(7, 1, 1)] * 17}),
     ],
 )
 def test_exec_rejects_bad_requests(argv, kwargs):
@@ -461,3 +465,9 @@ def test_guest_error_frames():
     assert c.receive(p.encode_error(0, b"reset")) == [p.GuestReset(0, "reset")]
     with pytest.raises(ProtocolError, match="unknown session"):
         c.receive(p.encode_error(77, b"x"))
+
+
+def test_exec_rlimits_field():
+    frame = p.encode_exec(1, [b"x"], rlimits=[(7, 1024, 2048), (4, 0, (1 << 64) - 1)])
+    assert struct.pack("<HI", 9, 40) + struct.pack("<IQQ", 7, 1024, 2048) + \
+        struct.pack("<IQQ", 4, 0, (1 << 64) - 1) in frame

@@ -76,6 +76,10 @@ MALFORMED = {
         HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(4, b"ABCDEF0123456789" * 2)
     ),
     "HELLO unknown setup tag": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(6, b"x")),
+    "RLIMITS bad length": frame(EXEC, 1, ARGV_TRUE + tlv(9, b"\0" * 19)),
+    "RLIMITS unknown resource": frame(EXEC, 1, ARGV_TRUE + tlv(9, struct.pack("<IQQ", 16, 1, 1))),
+    "RLIMITS soft above hard": frame(EXEC, 1, ARGV_TRUE + tlv(9, struct.pack("<IQQ", 7, 2, 1))),
+    "RLIMITS too many": frame(EXEC, 1, ARGV_TRUE + tlv(9, struct.pack("<IQQ", 7, 1, 1) * 17)),
     "HELLO empty NETWORK": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 + tlv(5, b"")),
     "HELLO long NETWORK": frame(HELLO, 0, struct.pack("<I", 1) + b"\0" * 16 +
                                 tlv(5, b"1" * 97)),

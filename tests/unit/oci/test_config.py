@@ -208,6 +208,21 @@ def test_huge_and_malformed_files(tmp_path: Path) -> None:
         parse(tmp_path, cfg)
 
 
+def test_process_rlimits() -> None:
+    p = c.parse_process({"args": ["x"], "rlimits": [
+        {"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4096},
+        {"type": "RLIMIT_CORE", "soft": 0, "hard": 2**64 - 1},
+        {"type": "RLIMIT_NOFILE", "soft": 10, "hard": 10}]})
+    assert p.rlimits == (("nofile", 10, 10), ("core", 0, 2**64 - 1))  # the last one wins
+    assert p.workload().rlimit_numbers == ((7, 10, 10), (4, 0, 2**64 - 1))
+    for bad in ([{"type": "RLIMIT_BOGUS", "soft": 1, "hard": 1}],
+                [{"type": "RLIMIT_NOFILE", "soft": 2, "hard": 1}],
+                [{"type": "RLIMIT_NOFILE", "soft": -1, "hard": 1}],
+                [{"type": "RLIMIT_NOFILE", "soft": 1}], "x"):
+        with pytest.raises(c.BundleError):
+            c.parse_process({"args": ["x"], "rlimits": bad})
+
+
 def test_exec_process_file() -> None:
     p = c.parse_process(c.load_json(json.dumps(
         {"user": {"uid": 1000, "gid": 100, "additionalGids": [10, 20]}, "args": ["ls", "/"],

@@ -85,7 +85,10 @@ void sm_log(bool debug, const char *fmt, ...)
 	dprintf(2, "sm-init: [%ld.%03ld] %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000000, line);
 }
 
-enum tag { TAG_ARGV = 1, TAG_ENV, TAG_CWD, TAG_USER, TAG_FLAGS, TAG_WINSIZE, TAG_OP, TAG_MODE };
+enum tag { TAG_ARGV = 1, TAG_ENV, TAG_CWD, TAG_USER, TAG_FLAGS, TAG_WINSIZE, TAG_OP, TAG_MODE,
+	   TAG_RLIMITS };
+#define RLIMIT_ENTRY 20 /* u32 resource | u64 soft | u64 hard */
+#define RLIMIT_RESOURCES 16 /* RLIMIT_CPU .. RLIMIT_RTTIME */
 
 /* Copies a TLV string value; strings must not contain NUL (they become C strings). */
 static char *dup_string(const uint8_t *v, uint32_t n)
@@ -117,7 +120,7 @@ int exec_req_parse(struct exec_req *r, const uint8_t *p, size_t n, char *err, si
 		i += 6;
 		if (len > n - i)
 			FAIL("EXEC: TLV length %u overruns payload", len);
-		if (tag < TAG_ARGV || tag > TAG_MODE)
+		if (tag < TAG_ARGV || tag > TAG_RLIMITS)
 			FAIL("EXEC: unknown tag %u", tag);
 		if (tag == TAG_ARGV) {
 			argc++;
@@ -193,6 +196,20 @@ int exec_req_parse(struct exec_req *r, const uint8_t *p, size_t n, char *err, si
 				FAIL("EXEC: WINSIZE must be 4 bytes");
 			r->rows = get16(v);
 			r->cols = get16(v + 2);
+			break;
+		case TAG_RLIMITS:
+			if (len % RLIMIT_ENTRY || len / RLIMIT_ENTRY > SM_MAX_RLIMITS)
+				FAIL("EXEC: RLIMITS must be up to %d entries of %d bytes", SM_MAX_RLIMITS,
+				     RLIMIT_ENTRY);
+			for (uint32_t k = 0; k < len / RLIMIT_ENTRY; k++) {
+				struct exec_rlimit *l = &r->rlimits[r->nrlimits++];
+				const uint8_t *e = v + (size_t)k * RLIMIT_ENTRY;
+				l->resource = get32(e);
+				l->soft = get64(e + 4);
+				l->hard = get64(e + 12);
+				if (l->resource >= RLIMIT_RESOURCES || l->soft > l->hard)
+					FAIL("EXEC: RLIMITS entry %u is malformed", k);
+			}
 			break;
 		}
 	}

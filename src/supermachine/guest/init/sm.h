@@ -77,12 +77,19 @@ ssize_t read_small(const char *path, char *buf, size_t size);
 static inline size_t buf_used(const struct buf *b) { return b->len - b->off; }
 
 /* A parsed EXEC request: strings are NUL-terminated heap copies (bounded by the payload). */
+#define SM_MAX_RLIMITS 16
+struct exec_rlimit {
+	uint32_t resource;
+	uint64_t soft, hard; /* UINT64_MAX: unlimited */
+};
 struct exec_req {
 	char **argv, **envp;
 	size_t argc, envc;
 	char *cwd, *user;
 	uint32_t flags, op, mode;
 	uint16_t rows, cols;
+	struct exec_rlimit rlimits[SM_MAX_RLIMITS];
+	size_t nrlimits;
 };
 /* Parses and validates an EXEC payload; on failure returns -1 with a message in err. */
 int exec_req_parse(struct exec_req *r, const uint8_t *p, size_t n, char *err, size_t errlen);

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -346,6 +347,15 @@ void child_exec(const struct exec_req *r, const int stdio[3], bool tty, int repo
 	/* Created as root before dropping privileges, as docker does for WORKDIR. */
 	if (mkdir_p(cwd) < 0)
 		report(report_fd, K_FAILED, errno, "cwd: %s: %s", cwd, strerror(errno));
+	/* Before the ids change: raising a hard limit takes CAP_SYS_RESOURCE. */
+	for (size_t i = 0; i < r->nrlimits; i++) {
+		const struct exec_rlimit *l = &r->rlimits[i];
+		struct rlimit rl = {l->soft == UINT64_MAX ? RLIM_INFINITY : (rlim_t)l->soft,
+				    l->hard == UINT64_MAX ? RLIM_INFINITY : (rlim_t)l->hard};
+		if (setrlimit((int)l->resource, &rl) < 0)
+			report(report_fd, K_FAILED, errno, "rlimit %u: %s", (unsigned)l->resource,
+			       strerror(errno));
+	}
 	if (r->user && change_ids) {
 		if (setgroups((size_t)id.ngroups, id.groups) < 0)
 			report(report_fd, K_FAILED, errno, "user: setgroups: %s", strerror(errno));
