@@ -196,9 +196,20 @@ def _start_shim(c: st.Container, console_socket: str | None, log: st.RuntimeLog)
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise st.ContainerError(str(report.get("error") or "the container process died "
-                                    f"while starting; see {c.shim_log}"))
+                                    f"while starting: {_last_line(c.shim_log)}"))
     log.write("info", f"container {c.id} created: process {pid}")
     return pid
+
+
+def _last_line(path: Path) -> str:
+    """The last line of a log about to be removed with its container, for the error."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return lines[-1][-300:] if lines else "it left no log"
 
 
 def _send_new_pty(path: str) -> int:

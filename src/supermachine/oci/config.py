@@ -7,7 +7,7 @@ equivalent or refused in one line. What a VM gives a container by itself (its ow
 /sys, /dev, cgroups, namespaces, capabilities) is taken from the guest, not the config.
 
 What maps where (runtime-spec 1.0): ``process`` becomes the workload (args, env, cwd,
-uid:gid, terminal); ``root.path`` the VM's root directory (shared over 9p, written through,
+uid:gid and supplementary groups, terminal, rlimits); ``root.path`` the VM's root directory (shared over 9p, written through,
 read-only with ``root.readonly``); ``hostname`` the guest's; ``mounts`` of type bind become
 shared directories or copied files, tmpfs mounts tmpfs, and the kernel filesystems the
 guest's own; a ``network`` namespace with a path is where the VM's traffic leaves; memory and
