@@ -284,6 +284,89 @@ def test_network_namespaces_without_a_way_out(runtime: Path, oci_dir: Path) -> N
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+HOOK = """#!/bin/sh
+# prestart, the way docker networks a container: a veth into the network namespace of the
+# process the state names
+set -e
+pid=$(sed -n 's/.*"pid": *\\([0-9]*\\).*/\\1/p')
+ip link add {host} type veth peer name {peer}
+ip link set {peer} netns "$pid"
+ip addr add {net}.1/24 dev {host}
+ip link set {host} up
+nsenter --net=/proc/$pid/ns/net sh -c \\
+  "ip link set {peer} name eth0 && ip addr add {net}.2/24 dev eth0 && ip link set eth0 up &&
+   ip route add default via {net}.1"
+"""
+
+
+def test_hooks_network_a_new_namespace_the_docker_way(runtime: Path, oci_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """A network namespace without a path is made new; a prestart hook puts a veth in it
+    (what docker's libnetwork-setkey hook does); the VM joins it and reaches the host
+    through it. poststart and poststop hooks run with the state on stdin."""
+    cid = f"hooks-{SESSION}"
+    n = 200 + int(SESSION[:2], 16) % 50
+    host_if = f"smh{SESSION[:6]}"
+    prestart = tmp_path / "prestart"
+    prestart.write_text(HOOK.format(host=host_if, peer=f"smp{SESSION[:6]}", net=f"10.213.{n}"))
+    prestart.chmod(0o755)
+    marker = tmp_path / "hook-states"
+    record = tmp_path / "record"
+    record.write_text(f"#!/bin/sh\ncat >> {marker}; echo >> {marker}\n")
+    record.chmod(0o755)
+    env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    port = 18000 + int(SESSION[2:5], 16) % 1000
+    bundle = make_bundle(oci_dir, ["nc", f"10.213.{n}.1", str(port)])
+    config = json.loads((bundle / "config.json").read_text())
+    config["hooks"] = {"prestart": [{"path": str(prestart), "env": env}],
+                       "poststart": [{"path": str(record)}],
+                       "poststop": [{"path": str(record), "args": ["record", "stop"]}],
+                       "startContainer": [{"path": "/bin/true"}]}
+    config["linux"]["namespaces"] = [{"type": "pid"}, {"type": "network"}]
+    try:
+        with socket.socket() as server:
+            # The host side exists once the hook has run: the server binds after create.
+            (bundle / "config.json").write_text(json.dumps(config))
+            with open(tmp_path / "create.err", "wb") as err:  # the container keeps it
+                p = subprocess.run([str(runtime), "create", "--bundle", str(bundle), cid],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=err, timeout=120)
+            assert p.returncode == 0, (tmp_path / "create.err").read_text()
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind((f"10.213.{n}.1", port))
+            server.listen(1)
+            server.settimeout(60)
+            assert rt(runtime, "start", cid).returncode == 0
+            conn, peer = server.accept()
+            with conn:
+                conn.sendall(b"hello from the host\n")
+            assert peer[0] == f"10.213.{n}.2"  # the guest, with the veth's address
+        wait_for(lambda: state(runtime, cid)["status"] == "stopped", what="the end")
+    finally:
+        rt(runtime, "delete", "--force", cid)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+    states = [json.loads(line) for line in marker.read_text().splitlines() if line]
+    assert [x["status"] for x in states] == ["running", "stopped"]
+    assert all(x["id"] == cid and x["bundle"] == str(bundle) for x in states)
+
+
+def test_a_failing_prestart_hook_fails_create(runtime: Path, oci_dir: Path) -> None:
+    cid = f"badhook-{SESSION}"
+    bundle = make_bundle(oci_dir, ["true"])
+    config = json.loads((bundle / "config.json").read_text())
+    config["hooks"] = {"prestart": [{"path": "/bin/sh", "args": ["sh", "-c",
+                                                                "echo no network >&2; exit 3"]}]}
+    (bundle / "config.json").write_text(json.dumps(config))
+    before = qemu_pids()
+    p = subprocess.run([str(runtime), "create", "--bundle", str(bundle), cid],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert p.returncode == 1
+    assert "prestart hook /bin/sh failed: exit status 3: no network" in p.stderr
+    assert p.stderr.count("\n") == 1
+    assert not (oci_dir / "state" / cid).exists()
+    assert not qemu_pids() - before
+
+
 def test_a_terminal_through_the_console_socket(runtime: Path, oci_dir: Path,
                                                tmp_path: Path) -> None:
     import fcntl

@@ -149,7 +149,8 @@ def cmd_create(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
                  "created": st.rfc3339(time.time()), "annotations": dict(b.annotations),
                  "vm": spec.to_json(), "workload": b.process.workload().to_json(),
                  "debug": g.debug, "log": os.path.abspath(g.log) if g.log else None,
-                 "log_format": g.log_format})
+                 "log_format": g.log_format, "new_netns": b.new_netns,
+                 "hooks": {stage: [h.to_json() for h in hooks] for stage, hooks in b.hooks}})
         for line in b.skipped:
             log.write("debug", f"mount {line}")
         pid = _start_shim(c, args.console_socket, log)
@@ -245,7 +246,23 @@ def cmd_start(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     if status != st.CREATED:
         raise st.ContainerError(f"cannot start container {c.id} in state {status}")
     request(c, StartRequest(), "start")
+    _run_hooks("poststart", c.read(), c.state(), log)
     return 0
+
+
+def _run_hooks(stage: str, record: dict[str, Any], state: dict[str, Any],
+               log: st.RuntimeLog) -> None:
+    """poststart and poststop hooks: their failures are logged, as runc does."""
+    wanted = (record.get("hooks") or {}).get(stage)
+    if not wanted:
+        return
+    from . import hooks
+    from .config import Hook
+
+    for failure in hooks.run([Hook.from_json(h) for h in wanted], stage, state,
+                             Path(str(state.get("bundle") or "/"))):
+        log.write("warning", failure)
+        print(f"{PROG}: {failure}", file=sys.stderr)
 
 
 # ---- state / list / ps -------------------------------------------------------------------
@@ -400,7 +417,9 @@ def cmd_delete(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
             _kill_process(pid, signal.SIGKILL)  # QEMU and passt die with it
             while c.alive() and time.monotonic() < deadline + 5:
                 time.sleep(0.02)
+    state = c.state() if record else {}
     c.remove()
+    _run_hooks("poststop", record, state, log)
     log.write("info", f"container {c.id} deleted")
     return 0
 

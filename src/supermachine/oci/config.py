@@ -7,11 +7,13 @@ equivalent or refused in one line. What a VM gives a container by itself (its ow
 /sys, /dev, cgroups, namespaces, capabilities) is taken from the guest, not the config.
 
 What maps where (runtime-spec 1.0): ``process`` becomes the workload (args, env, cwd,
-uid:gid and supplementary groups, terminal, rlimits); ``root.path`` the VM's root directory (shared over 9p, written through,
-read-only with ``root.readonly``); ``hostname`` the guest's; ``mounts`` of type bind become
-shared directories or copied files, tmpfs mounts tmpfs, and the kernel filesystems the
-guest's own; a ``network`` namespace with a path is where the VM's traffic leaves; memory and
-vCPUs come from annotations, else from ``linux.resources`` limits, else the defaults.
+uid:gid and supplementary groups, terminal, rlimits); ``root.path`` the VM's root directory
+(shared over 9p, written through, read-only with ``root.readonly``); ``hostname`` the
+guest's; ``mounts`` of type bind become shared directories or copied files, tmpfs mounts
+tmpfs, and the kernel filesystems the guest's own; a ``network`` namespace with a path is
+where the VM's traffic leaves, one without a path is made new (for the hooks to set up);
+``hooks`` run on the host at their stages; memory and vCPUs come from annotations, else
+from ``linux.resources`` limits, else the defaults.
 """
 
 from __future__ import annotations
@@ -80,6 +82,31 @@ class Process:
                             rlimits=self.rlimits)
 
 
+#: hook stages run on the host: at create once the container's network namespace exists
+#: (createRuntime, and the older prestart), after start, after the container is gone.
+#: createContainer and startContainer run inside the container's namespaces, which are the
+#: guest's here: they are skipped, and the log says so.
+HOOK_STAGES = ("createRuntime", "prestart", "poststart", "poststop")
+GUEST_HOOK_STAGES = ("createContainer", "startContainer")
+MAX_HOOK_TIMEOUT = 3600
+
+
+@dataclass(frozen=True)
+class Hook:
+    path: str
+    args: tuple[str, ...]  # argv, argv[0] included (may be empty: then the path)
+    env: tuple[str, ...]
+    timeout: int | None  # seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "args": list(self.args), "env": list(self.env),
+                "timeout": self.timeout}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Hook:
+        return _hook(obj, "hook")
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path  # the bundle directory
@@ -91,9 +118,17 @@ class Bundle:
     skipped: tuple[str, ...]  # mounts the guest provides itself or cannot take, for the log
     network: str  # "user" or "none"
     netns: str | None
+    #: a network namespace without a path: runc makes a new one; the container process
+    #: does (hooks then configure it, as docker's do) and joins the VM to it if it has a
+    #: route out by the time the hooks are done
+    new_netns: bool
     memory_mib: int
     cpus: int
     annotations: tuple[tuple[str, str], ...]
+    hooks: tuple[tuple[str, tuple[Hook, ...]], ...] = ()  # (stage, hooks) of HOOK_STAGES
+
+    def hooks_of(self, stage: str) -> tuple[Hook, ...]:
+        return dict(self.hooks).get(stage, ())
 
     def vm_spec(self, container_id: str) -> VMSpec:
         return VMSpec(image=f"oci:{container_id}", root_dir=self.root, read_only=self.readonly,
@@ -144,10 +179,12 @@ def parse_bundle(bundle: Path, data: bytes) -> Bundle:
     linux = _obj(c.get("linux", {}), "linux")
     mounts, skipped = _mounts(c.get("mounts", []))
     network, netns = _network(linux.get("namespaces", []))
+    hooks, skipped_hooks = _hooks(c.get("hooks"))
     return Bundle(path=bundle, root=root_path, readonly=_bool(root.get("readonly", False),
                                                                "root.readonly"),
-                  process=process, hostname=hostname, mounts=mounts, skipped=skipped,
-                  network=network, netns=netns,
+                  process=process, hostname=hostname, mounts=mounts,
+                  skipped=skipped + skipped_hooks, network=network, netns=netns,
+                  new_netns=network == "none", hooks=hooks,
                   memory_mib=_memory(annotations, linux), cpus=_cpus(annotations, linux),
                   annotations=tuple(sorted(annotations.items())))
 
@@ -255,6 +292,37 @@ def _network(value: object) -> tuple[str, str | None]:
             raise BundleError(f"network namespace path {path[:64]!r} must be absolute")
         return "user", path
     return "user", None
+
+
+def _hooks(value: object) -> tuple[tuple[tuple[str, tuple[Hook, ...]], ...], tuple[str, ...]]:
+    obj = _obj(value if value is not None else {}, "hooks")
+    out, skipped = [], []
+    for stage, items in obj.items():
+        hooks = tuple(_hook(h, f"hooks.{stage}[{i}]")
+                      for i, h in enumerate(_list(items, f"hooks.{stage}")))
+        if stage in HOOK_STAGES:
+            out.append((stage, hooks))
+        elif stage in GUEST_HOOK_STAGES:
+            skipped += [f"hook {stage} {h.path}: runs in the container's namespaces, which "
+                        "are the guest's" for h in hooks]
+        else:
+            raise BundleError(f"unknown hook stage {str(stage)[:32]!r}")
+    return tuple(out), tuple(skipped)
+
+
+def _hook(value: object, what: str) -> Hook:
+    h = _obj(value, what)
+    path = _text(h.get("path"), f"{what}.path")
+    if not path.startswith("/"):
+        raise BundleError(f"{what}.path {path[:64]!r} must be absolute")
+    env = _texts(h.get("env") or [], f"{what}.env")
+    if any("=" not in e for e in env):
+        raise BundleError(f"{what}.env entries must be KEY=VALUE")
+    timeout = h.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or
+                                not 0 < timeout <= MAX_HOOK_TIMEOUT):
+        raise BundleError(f"{what}.timeout must be 1 to {MAX_HOOK_TIMEOUT} seconds")
+    return Hook(path, _texts(h.get("args") or [], f"{what}.args"), env, timeout)
 
 
 def _annotations(value: object) -> dict[str, str]:

@@ -43,6 +43,7 @@ from . import state as st
 log = logging.getLogger("supermachine.oci.shim")
 
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
 OOM_HINT = "org.supermachine.memory annotation or the engine's memory limit"
 START_TIMEOUT = 30.0  # `start` waits this long for the workload to be started
 REPARENT_WAIT = 30.0  # how long we wait for `create` to exit before giving up on PDEATHSIG
@@ -101,7 +102,7 @@ class Shim:
         from ..home import Home
         from ..runtime.vm import VM
 
-        spec = VMSpec.from_json(self.record["vm"])
+        spec = self._network(VMSpec.from_json(self.record["vm"]))
         self.vm = VM(spec, home=Home.default(), on_notice=lambda m: log.info("%s", m))
         self.vm.start()
         log.info("VM started (%s) with QEMU pid %s",
@@ -112,6 +113,33 @@ class Shim:
             PauseRequest: self._on_pause})
         self._server.start()
         self.c.update(status=st.CREATED, pid=os.getpid(), qemu_pid=self.vm.pid)
+
+    def _network(self, spec: VMSpec) -> VMSpec:
+        """Make the new network namespace the config asks for (one without a path), run the
+        createRuntime and prestart hooks, which may set it up (docker's do), and join the
+        VM to it if it then has a route out; else the VM has no network, like runc's
+        container in an empty namespace."""
+        from ..engine import tap
+        from . import hooks
+        from .config import Hook
+
+        netns, host_netns = _new_network_namespace() if self.record.get("new_netns") else \
+            (None, None)
+        try:
+            self.c.update(pid=os.getpid())  # the state the hooks read names this process
+            wanted = self.record.get("hooks") or {}
+            for stage in ("createRuntime", "prestart"):
+                if wanted.get(stage):
+                    hooks.run_or_fail([Hook.from_json(h) for h in wanted[stage]], stage,
+                                      self.c.state(), Path(self.record["bundle"]),
+                                      host_netns)
+        finally:
+            if host_netns is not None:
+                os.close(host_netns)
+        if netns is not None and tap.default_route(netns) is not None:
+            log.info("the new network namespace has a route out: the VM joins it")
+            spec = spec.replace(network="user", netns=netns)
+        return spec
 
     def _report(self, obj: dict[str, object]) -> bool:
         fd, self._ready_fd = self._ready_fd, None
@@ -218,6 +246,20 @@ class Shim:
         else:
             self.vm.resume()
             self.c.update(status=st.RUNNING)
+
+
+def _new_network_namespace() -> tuple[str | None, int | None]:
+    """Move this process's main thread (the one that starts QEMU, and whose namespace
+    /proc/PID/ns/net names) into a new network namespace: its path, and an fd of the one
+    it left (hooks run there); (None, None) when that is not permitted (then no network)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        log.info("cannot make a network namespace (%s): no network",
+                 os.strerror(ctypes.get_errno()))
+        os.close(host)
+        return None, None
+    return f"/proc/{os.getpid()}/ns/net", host
 
 
 def _describe(fd: int) -> str:

@@ -208,6 +208,28 @@ def test_huge_and_malformed_files(tmp_path: Path) -> None:
         parse(tmp_path, cfg)
 
 
+def test_hooks(tmp_path: Path) -> None:
+    cfg = containerd_config()
+    cfg["hooks"] = {"prestart": [{"path": "/usr/bin/setup", "args": ["setup", "-x"],
+                                  "env": ["A=1"], "timeout": 5}],
+                    "poststop": [{"path": "/bin/cleanup"}],
+                    "createContainer": [{"path": "/bin/inside"}]}
+    b = parse(tmp_path, cfg)
+    assert b.hooks_of("prestart") == (c.Hook("/usr/bin/setup", ("setup", "-x"), ("A=1",), 5),)
+    assert b.hooks_of("poststop")[0].path == "/bin/cleanup" and b.hooks_of("poststart") == ()
+    assert any("createContainer" in x and "guest's" in x for x in b.skipped)
+    assert c.Hook.from_json(b.hooks_of("prestart")[0].to_json()) == b.hooks_of("prestart")[0]
+    assert b.new_netns and b.network == "none"  # a namespace without a path: made new
+    for bad, why in (({"prestart": [{"path": "rel"}]}, "absolute"),
+                     ({"prestart": [{"path": "/x", "timeout": 0}]}, "timeout"),
+                     ({"prestart": [{"path": "/x", "env": ["NOEQ"]}]}, "KEY=VALUE"),
+                     ({"bogus": []}, "unknown hook stage"),
+                     ({"prestart": {"path": "/x"}}, "must be a list")):
+        cfg["hooks"] = bad
+        with pytest.raises(c.BundleError, match=why):
+            parse(tmp_path, cfg)
+
+
 def test_process_rlimits() -> None:
     p = c.parse_process({"args": ["x"], "rlimits": [
         {"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4096},
