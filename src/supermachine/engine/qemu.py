@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..errors import EngineError
 from . import jail, net
+from . import netns as netns_mod
 from .base import Engine, Machine, MachineConfig
 from .qmp import QMPClient
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
-CLONE_NEWNET = 0x40000000
 #: CAP_CHOWN is kept (9p's chown is a no-op in fsguard anyway); these go: CAP_FSETID,
 #: CAP_LINUX_IMMUTABLE, CAP_MKNOD, CAP_SETFCAP
 DROPPED_CAPS = (4, 9, 27, 31)
@@ -197,20 +197,13 @@ def _libc() -> ctypes.CDLL:
 MAX_OPEN_FILES = 4096
 
 
-def _join_netns(path: str) -> None:
-    """Runs in passt's child before exec: move into the network namespace at ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc().setns(fd, CLONE_NEWNET) != 0:
-            os._exit(125)  # Popen would otherwise run passt in the wrong namespace
-    finally:
-        os.close(fd)
-
-
 def _passt_setup(parent: int, netns: str | None) -> None:
     _child_setup(parent)
-    if netns is not None:
-        _join_netns(netns)
+    if netns is not None:  # passt's network is that namespace's
+        try:
+            netns_mod.enter_path(netns)
+        except OSError:
+            os._exit(125)  # Popen would otherwise run passt in the wrong namespace
 
 
 def _child_setup(parent: int) -> None:

@@ -15,7 +15,6 @@ namespace, and are replaced when the same namespace gets a new VM.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import ipaddress
 import json
@@ -28,8 +27,8 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import EngineError
+from . import netns as netns_mod
 
-CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -158,14 +157,7 @@ def _open_tap(netns: str) -> int:
 
     def make() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            ns = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(ns, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(ns)
+            netns_mod.enter_path(netns)
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(fd, TUNSETIFF,

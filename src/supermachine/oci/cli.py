@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import Error, UsageError
+from ..home import atomic_write_bytes
 from . import state as st
 
 PROG = "supermachine-runtime"
@@ -136,12 +137,6 @@ def cmd_create(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     if b.process.terminal and not args.console_socket:
         raise UsageError("the process wants a terminal: give --console-socket")
     spec = b.vm_spec(args.id)
-    if b.netns is not None:
-        from ..engine import tap
-
-        if tap.default_route(b.netns) is None:  # loopback only, as with `--network none`
-            log.write("info", f"network namespace {b.netns} has no route out: no network")
-            spec = spec.replace(network="none", netns=None)
     c = st.container(root, args.id)
     st.create_dir(c)
     try:
@@ -158,7 +153,7 @@ def cmd_create(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
         c.remove()
         raise
     if args.pid_file:
-        _write_pid_file(args.pid_file, pid)
+        atomic_write_bytes(Path(args.pid_file), str(pid).encode())
     return 0
 
 
@@ -228,13 +223,6 @@ def _send_new_pty(path: str) -> int:
     finally:
         os.close(master)
     return slave
-
-
-def _write_pid_file(path: str, pid: int) -> None:
-    final = Path(path)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    tmp.write_text(str(pid))
-    os.replace(tmp, final)
 
 
 def cmd_start(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
@@ -500,7 +488,7 @@ def cmd_exec(root: Path, args: Any, g: Any, log: st.RuntimeLog) -> int:
     if slave is not None:
         os.close(slave)
     if args.pid_file:
-        _write_pid_file(args.pid_file, pid)
+        atomic_write_bytes(Path(args.pid_file), str(pid).encode())
     return 0
 
 

@@ -9,7 +9,6 @@ directory, and a timeout (its own, else DEFAULT_TIMEOUT)."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
@@ -18,16 +17,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..engine import netns
 from .config import Hook
 from .state import ContainerError
 
 DEFAULT_TIMEOUT = 30
-CLONE_NEWNET = 0x40000000
 
 
 def _enter_netns(fd: int) -> None:
     """In the hook's child before exec: back to the runtime's network namespace."""
-    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+    try:
+        netns.enter(fd)
+    except OSError:
         os._exit(126)
 
 

@@ -43,7 +43,6 @@ from . import state as st
 log = logging.getLogger("supermachine.oci.shim")
 
 PR_SET_PDEATHSIG = 1
-CLONE_NEWNET = 0x40000000
 OOM_HINT = "org.supermachine.memory annotation or the engine's memory limit"
 START_TIMEOUT = 30.0  # `start` waits this long for the workload to be started
 REPARENT_WAIT = 30.0  # how long we wait for `create` to exit before giving up on PDEATHSIG
@@ -115,19 +114,21 @@ class Shim:
         self.c.update(status=st.CREATED, pid=os.getpid(), qemu_pid=self.vm.pid)
 
     def _network(self, spec: VMSpec) -> VMSpec:
-        """Make the new network namespace the config asks for (one without a path), run the
-        createRuntime and prestart hooks, which may set it up (docker's do), and join the
-        VM to it if it then has a route out; else the VM has no network, like runc's
-        container in an empty namespace."""
+        """The container's network namespace: the engine's (a path), or a new one when the
+        config asks for one without a path. Then the createRuntime and prestart hooks run,
+        which may set it up (docker's do), and the VM joins the namespace if it has a route
+        out by then; else the VM has no network, like runc's container in an empty
+        namespace (`--network none`)."""
         from ..engine import tap
         from . import hooks
         from .config import Hook
 
         netns, host_netns = _new_network_namespace() if self.record.get("new_netns") else \
-            (None, None)
+            (spec.netns, None)
+        wanted = self.record.get("hooks") or {}
         try:
-            self.c.update(pid=os.getpid())  # the state the hooks read names this process
-            wanted = self.record.get("hooks") or {}
+            if wanted.get("createRuntime") or wanted.get("prestart"):
+                self.c.update(pid=os.getpid())  # the state the hooks read names this process
             for stage in ("createRuntime", "prestart"):
                 if wanted.get(stage):
                     hooks.run_or_fail([Hook.from_json(h) for h in wanted[stage]], stage,
@@ -136,10 +137,12 @@ class Shim:
         finally:
             if host_netns is not None:
                 os.close(host_netns)
-        if netns is not None and tap.default_route(netns) is not None:
-            log.info("the new network namespace has a route out: the VM joins it")
-            spec = spec.replace(network="user", netns=netns)
-        return spec
+        if netns is None:
+            return spec
+        if tap.default_route(netns) is None:
+            log.info("network namespace %s has no route out: no network", netns)
+            return spec.replace(network="none", netns=None)
+        return spec.replace(network="user", netns=netns)
 
     def _report(self, obj: dict[str, object]) -> bool:
         fd, self._ready_fd = self._ready_fd, None
@@ -252,14 +255,14 @@ def _new_network_namespace() -> tuple[str | None, int | None]:
     """Move this process's main thread (the one that starts QEMU, and whose namespace
     /proc/PID/ns/net names) into a new network namespace: its path, and an fd of the one
     it left (hooks run there); (None, None) when that is not permitted (then no network)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    if libc.unshare(CLONE_NEWNET) != 0:
-        log.info("cannot make a network namespace (%s): no network",
-                 os.strerror(ctypes.get_errno()))
-        os.close(host)
+    from ..engine import netns
+
+    try:
+        left = netns.new()
+    except OSError as e:
+        log.info("cannot make a network namespace (%s): no network", e.strerror)
         return None, None
-    return f"/proc/{os.getpid()}/ns/net", host
+    return f"/proc/{os.getpid()}/ns/net", left
 
 
 def _describe(fd: int) -> str:
