@@ -28,6 +28,8 @@ __all__ = [
     "Pool",
     "VMSpec",
     "WorkloadSpec",
+    "connect",
+    "aio",
 ]
 
 __version__ = "0.1.0"
@@ -47,4 +49,12 @@ def __getattr__(name: str):
         from .runtime.pool import Pool
 
         return Pool
+    if name == "connect":  # a client of `supermachine serve`
+        from .service.client import connect
+
+        return connect
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
     raise AttributeError(name)

@@ -10,12 +10,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import Error
-from . import images, kernel, run, snapshots, vms, volumes
+from . import images, kernel, run, service, snapshots, vms, volumes
 from .common import PROG
 from .interrupts import INTERRUPTS
 
 # the command groups, in the order `--help` lists their commands
-GROUPS = (run, images, vms, snapshots, volumes, kernel)
+GROUPS = (run, images, vms, snapshots, volumes, service, kernel)
 
 
 def _help_width() -> int:

@@ -98,6 +98,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "resolved here at start); default: anywhere but this host")
     p.add_argument("--allow-host-loopback", action="store_true",
                    help="let the guest reach this host's 127.0.0.1 services at 10.0.2.2")
+    p.add_argument("--no-service", action="store_true",
+                   help="run in this process even when `supermachine serve` runs (also: "
+                        "SUPERMACHINE_NO_SERVICE=1)")
     add_registry_options(p)
 
 
@@ -129,6 +132,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if (args.name or args.log_max_size) and not args.detach:
         raise UsageError("--name and --log-max-size are for detached VMs: add -d")
     vm_spec, work = specs(args)
+    if work.tty:
+        from .. import terminal
+
+        terminal.require_tty(0)  # before anything boots
+    service = None if args.no_service else _service(args)
+    if service is not None:
+        return _run_in_service(service, args, vm_spec, work)
     if args.detach:
         from ..detached import logfile
         from ..detached.state import validate_name
@@ -142,10 +152,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from ..runtime.vm import VM
 
-    if work.tty:
-        from .. import terminal
-
-        terminal.require_tty(0)  # before anything boots
     machine = VM(vm_spec, home=home_of(args), verbose=args.verbose or args.debug,
                  on_notice=notice, progress=progress_of(args))
     with INTERRUPTS.guarding(machine), machine:
@@ -156,6 +162,94 @@ def cmd_run(args: argparse.Namespace) -> int:
                 terminal.raw_mode(0):
             status = terminal.pump(proc, stdin_fd=0 if work.stdin else None, tty_fd=0)
     return report_exit(status)
+
+
+def _service(args: argparse.Namespace):
+    """The running service of this home, unless told not to use one."""
+    from ..service import address
+
+    if address.disabled():
+        return None
+    return address.find(home_of(args).root)
+
+
+class _Connection:
+    """What INTERRUPTS guards during a run in the service: a signal cuts the connection,
+    and the service then ends the workload and destroys its VM."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def kill_now(self) -> bool:
+        import socket
+
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        return True
+
+
+def _run_in_service(service, args: argparse.Namespace, vm_spec, work) -> int:
+    """`run` through the service: the same specs, sent over its run socket; the output and
+    exit status come back as an `exec NAME`'s do."""
+    from ..detached import client
+    from ..detached.protocol import Kind, RunRequest, encode_request, parse_json
+
+    cap = None
+    if args.log_max_size:
+        from ..detached import logfile
+
+        cap = logfile.parse_size(args.log_max_size)
+    winsize = None
+    if work.tty:
+        from .. import terminal
+
+        winsize = terminal.winsize(0)
+    if args.name:
+        from ..detached.state import validate_name
+
+        validate_name(args.name)
+    try:
+        conn = client.connect_socket(service.directory, "run.sock")
+    except OSError as e:
+        raise UsageError(f"the service at {service.directory} does not answer ({e.strerror});"
+                         " use --no-service") from None
+    try:
+        conn.send(encode_request(RunRequest(
+            vm=vm_spec.to_json(), workload=work.to_json(), detach=args.detach, name=args.name,
+            remove=args.rm, log_max_bytes=cap, winsize=winsize)))
+        if args.detach:
+            frame = conn.recv()
+            if frame is None or frame.kind != Kind.EXIT:
+                raise UsageError("the service went away while starting the VM")
+            answer = parse_json(frame)
+            if answer.get("code") != 0:
+                from ..errors import VMError
+
+                err = VMError(str(answer.get("error") or "the service could not start it"))
+                code = answer.get("code")
+                err.exit_code = code if isinstance(code, int) and 0 < code < 256 else 125
+                raise err
+            print(answer.get("name"))
+            return 0
+        from .. import terminal
+
+        proc = client.RemoteProcess(conn, "the command")
+        with INTERRUPTS.guarding(_Connection(conn)):
+            raw = terminal.raw_mode(0) if work.tty else _nothing()
+            with raw:
+                status = terminal.pump(proc, stdin_fd=0 if work.stdin else None,
+                                       tty_fd=0 if work.tty else None)
+        return report_exit(status)
+    finally:
+        conn.close()
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _mounts(args: argparse.Namespace) -> tuple:

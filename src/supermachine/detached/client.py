@@ -85,22 +85,28 @@ class FrameSocket:
         self.sock.close()
 
 
-def socket_path(dirfd: int) -> str:
-    return f"/proc/self/fd/{dirfd}/sock"
+def socket_path(dirfd: int, name: str = "sock") -> str:
+    return f"/proc/self/fd/{dirfd}/{name}"
 
 
 def connect(d: VMDir) -> FrameSocket:
-    not_running = VMError(f"VM {d.name} is not running; see `supermachine ps -a`")
+    if not d.path.is_dir():
+        raise VMError(f"no such VM: {d.name}")
     try:
-        dirfd = os.open(d.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise VMError(f"no such VM: {d.name}") from None
+        return connect_socket(d.path, "sock")
+    except OSError:
+        raise VMError(f"VM {d.name} is not running; see `supermachine ps -a`") from None
+
+
+def connect_socket(directory: os.PathLike[str] | str, name: str) -> FrameSocket:
+    """A connection to the control socket ``name`` in ``directory`` (raises OSError)."""
+    dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(socket_path(dirfd))
-    except (FileNotFoundError, ConnectionRefusedError):
+        sock.connect(socket_path(dirfd, name))
+    except OSError:
         sock.close()
-        raise not_running from None
+        raise
     finally:
         os.close(dirfd)
     return FrameSocket(sock)
@@ -334,9 +340,12 @@ def stop(d: VMDir, timeout: float) -> None:
 
 def _signal_supervisor(d: VMDir, signo: int) -> None:
     try:
-        pid = d.read().supervisor_pid
+        record = d.read()
     except VMError:
         return
+    if record.options.get("service") is True:
+        return  # its host is the service, which hosts other VMs too: never signal it
+    pid = record.supervisor_pid
     # The lock is still held, so the recorded pid is the live supervisor's, not a reused one.
     if pid and d.alive():
         with contextlib.suppress(ProcessLookupError):

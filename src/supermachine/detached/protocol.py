@@ -184,8 +184,25 @@ class PauseRequest:
     pause: bool
 
 
+@dataclass(frozen=True)
+class RunRequest:
+    """Make a VM and run a workload in it (the service's answer to `supermachine run`).
+
+    ``vm`` and ``workload`` are a `VMSpec` and a `WorkloadSpec` as JSON, checked by the
+    service with their own validation. Attached (not ``detach``), the connection then
+    carries the workload's stdio as an exec's does; detached, the EXIT frame names the VM."""
+
+    vm: dict
+    workload: dict
+    detach: bool = False
+    name: str | None = None
+    remove: bool = False
+    log_max_bytes: int | None = None
+    winsize: tuple[int, int] | None = None
+
+
 Request = (ExecRequest | ReadRequest | WriteRequest | StopRequest | SnapshotRequest |
-           StartRequest | SignalRequest | PauseRequest)
+           StartRequest | SignalRequest | PauseRequest | RunRequest)
 
 
 def encode_request(req: Request) -> bytes:
@@ -207,6 +224,10 @@ def encode_request(req: Request) -> bytes:
         obj = {"op": "signal", "signo": req.signo}
     elif isinstance(req, PauseRequest):
         obj = {"op": "pause" if req.pause else "resume"}
+    elif isinstance(req, RunRequest):
+        obj = {"op": "run", "vm": req.vm, "workload": req.workload, "detach": req.detach,
+               "name": req.name, "remove": req.remove, "log_max_bytes": req.log_max_bytes,
+               "winsize": list(req.winsize) if req.winsize else None}
     else:
         obj = {"op": "stop", "timeout": req.timeout}
     return encode_json(Kind.REQUEST, obj)
@@ -222,19 +243,24 @@ def parse_request(frame: Frame) -> Request:
         argv = _str_list(obj.get("argv"), "argv")
         if not argv:
             raise ControlError("exec request has an empty argv")
-        winsize = obj.get("winsize")
-        ws: tuple[int, int] | None = None
-        if winsize is not None:
-            if not (isinstance(winsize, list) and len(winsize) == 2 and
-                    all(_is_int(v) and 0 <= v <= 0xFFFF for v in winsize)):
-                raise ControlError("exec request has a malformed winsize")
-            ws = (winsize[0], winsize[1])
         return ExecRequest(argv=argv, env=_str_list(obj.get("env", []), "env"),
                            cwd=_opt_str(obj.get("cwd"), "cwd"),
                            user=_opt_str(obj.get("user"), "user"),
                            stdin=_bool(obj.get("stdin", False), "stdin"),
-                           tty=_bool(obj.get("tty", False), "tty"), winsize=ws,
+                           tty=_bool(obj.get("tty", False), "tty"),
+                           winsize=_winsize(obj.get("winsize")),
                            rlimits=_rlimits(obj.get("rlimits", [])))
+    if op == "run":
+        vm, work, cap = obj.get("vm"), obj.get("workload"), obj.get("log_max_bytes")
+        if not isinstance(vm, dict) or not isinstance(work, dict):
+            raise ControlError("run request needs vm and workload objects")
+        if cap is not None and (not _is_int(cap) or not 0 < cap <= 1 << 40):
+            raise ControlError("run request has a malformed log_max_bytes")
+        return RunRequest(vm=vm, workload=work, detach=_bool(obj.get("detach", False),
+                                                               "detach"),
+                          name=_opt_str(obj.get("name"), "name"),
+                          remove=_bool(obj.get("remove", False), "remove"),
+                          log_max_bytes=cap, winsize=_winsize(obj.get("winsize")))
     if op == "read":
         return ReadRequest(_path(obj.get("path")))
     if op == "write":
@@ -263,6 +289,15 @@ def parse_request(frame: Frame) -> Request:
     if op in ("pause", "resume"):
         return PauseRequest(op == "pause")
     raise ControlError(f"unknown request {str(op)[:32]!r}")
+
+
+def _winsize(v: object) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if not (isinstance(v, list) and len(v) == 2 and
+            all(_is_int(n) and 0 <= n <= 0xFFFF for n in v)):
+        raise ControlError("request has a malformed winsize")
+    return (v[0], v[1])
 
 
 def _rlimits(v: object) -> tuple[tuple[str, int, int], ...]:

@@ -42,16 +42,23 @@ REQUEST_TIMEOUT = 10.0  # a client must send its request this soon after connect
 
 #: an owner's own requests: called with the request; answers EXIT 0 when it returns
 Handler = Callable[[Any], None]
+#: an owner's requests that answer for themselves: called with (connection, request,
+#: the connection's ThreadGroup); must send the EXIT frame
+StreamHandler = Callable[[Any, Any, ThreadGroup], None]
 
 
 class ControlServer:
-    """Serves ``vm`` on ``directory``/sock (mode 0600) until `close()`."""
+    """Serves ``vm`` on ``directory``/``name`` (mode 0600) until `close()`."""
 
     def __init__(self, vm: Any, directory: Path,
-                 handlers: dict[type, Handler] | None = None) -> None:
+                 handlers: dict[type, Handler] | None = None, *,
+                 streams: dict[type, StreamHandler] | None = None,
+                 name: str = "sock") -> None:
         self.vm = vm
         self._directory = directory
         self._handlers = handlers or {}
+        self._streams = streams or {}
+        self._name = name
         self._listener: socket.socket | None = None
         self._conns: set[FrameSocket] = set()
         self._lock = threading.Lock()
@@ -60,7 +67,7 @@ class ControlServer:
 
     @property
     def sock_path(self) -> Path:
-        return self._directory / "sock"
+        return self._directory / self._name
 
     def start(self) -> None:
         dirfd = os.open(self._directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -68,7 +75,8 @@ class ControlServer:
             with contextlib.suppress(FileNotFoundError):
                 self.sock_path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.bind(socket_path(dirfd))  # no 108-byte limit on the directory's depth
+            # no 108-byte limit on the directory's depth
+            sock.bind(socket_path(dirfd, self._name))
         finally:
             os.close(dirfd)
         os.chmod(self.sock_path, 0o600)
@@ -108,16 +116,33 @@ class ControlServer:
                     conn.send(exit_frame(125, "too many connections to this VM; try again"))
                 conn.close()
                 continue
-            self._threads.start(self._serve_conn, conn, name="conn")
+            self._threads.start(self._serve_socket, conn, name="conn")
 
-    def _serve_conn(self, conn: FrameSocket) -> None:
+    def _serve_socket(self, conn: FrameSocket) -> None:
+        try:
+            conn.sock.settimeout(REQUEST_TIMEOUT)
+            first = conn.recv()
+            conn.sock.settimeout(None)
+        except (OSError, ControlError) as e:
+            log.debug("connection ended: %s", e)
+            first = None
+        if first is None:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+            return
+        self.serve_conn(conn, first)
+
+    def serve_conn(self, conn: Any, frame: Any) -> None:
+        """Serve one connection whose first frame (the request) is ``frame``; ``conn`` is
+        anything with send(bytes), recv() -> Frame | None and close() (a `FrameSocket`, or
+        the service's WebSocket bridge). Closes ``conn`` when done."""
         # An exec's input pump reads from ``conn``: it ends when the finally below closes
         # the connection, and is joined then.
+        with self._lock:
+            self._conns.add(conn)
         with ThreadGroup("conn") as threads:
             try:
-                conn.sock.settimeout(REQUEST_TIMEOUT)
-                frame = conn.recv()
-                conn.sock.settimeout(None)
                 if frame is not None:
                     self._handle(conn, parse_request(frame), threads)
             except (OSError, ControlError) as e:
@@ -131,12 +156,17 @@ class ControlServer:
                 conn.close()
 
     def _handle(self, conn: FrameSocket, req: Request, threads: ThreadGroup) -> None:
-        if isinstance(req, ExecRequest):
+        if self.vm is None and type(req) not in self._streams and \
+                type(req) not in self._handlers:
+            conn.send(exit_frame(125, f"this socket does not take {type(req).__name__}"))
+        elif isinstance(req, ExecRequest):
             self._exec(conn, req, threads)
         elif isinstance(req, ReadRequest):
             self._read(conn, req)
         elif isinstance(req, WriteRequest):
             self._write(conn, req)
+        elif type(req) in self._streams:
+            self._streams[type(req)](conn, req, threads)
         elif type(req) in self._handlers:
             self._handlers[type(req)](req)
             conn.send(exit_frame(0))
@@ -147,12 +177,7 @@ class ControlServer:
         proc = self.vm.spawn(list(req.argv), env=list(req.env), cwd=req.cwd, user=req.user,
                              stdin=req.stdin, tty=req.tty, winsize=req.winsize,
                              rlimits=req.rlimits)
-        with proc:
-            threads.start(_pump_client_input, conn, proc, name="exec-in")
-            for stream, data in proc:
-                conn.send(encode_data(Kind.STDERR if stream == 2 else Kind.STDOUT, data))
-            status = proc.wait()
-        conn.send(exit_frame(status.exit_code, status.error))
+        stream_process(conn, proc, threads)
 
     def _read(self, conn: FrameSocket, req: ReadRequest) -> None:
         from ..agent.client import GuestFileError
@@ -225,6 +250,17 @@ def _pump_client_input(conn: FrameSocket, proc: Any) -> None:
         pass
     with contextlib.suppress(Error):
         proc.close()
+
+
+def stream_process(conn: Any, proc: Any, threads: ThreadGroup) -> None:
+    """Relay a started process: its output and exit status to ``conn``, the client's
+    input, resizes and signals to it; the client going away kills it."""
+    with proc:
+        threads.start(_pump_client_input, conn, proc, name="exec-in")
+        for stream, data in proc:
+            conn.send(encode_data(Kind.STDERR if stream == 2 else Kind.STDOUT, data))
+        status = proc.wait()
+    conn.send(exit_frame(status.exit_code, status.error))
 
 
 def exit_frame(code: int, error: str | None = None, err_no: int | None = None) -> bytes:

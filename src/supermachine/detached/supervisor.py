@@ -22,25 +22,21 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import Error, VMError
 from ..home import Home
-from ..runtime.threads import ThreadGroup
 from ..spec import VMSpec, WorkloadSpec
 from . import ready
 from . import state as detached
-from .logfile import DEFAULT_MAX_BYTES, LogWriter, StderrCap
-from .protocol import Kind, SnapshotRequest, StopRequest, encode_data
-from .server import ControlServer
+from .hosted import HostedVM
+from .logfile import DEFAULT_MAX_BYTES, StderrCap
 from .state import VMDir, VMRecord
 
 log = logging.getLogger("supermachine.detached.supervisor")
 
-STOP_KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the workload before tearing down
 SIGNAL_STOP_GRACE = 10.0  # SIGTERM to the supervisor: the workload's grace period
 
 
@@ -117,19 +113,16 @@ def _rmtree_quiet(d: VMDir) -> None:
 # ---- supervisor side ----------------------------------------------------------------------
 
 class Supervisor:
+    """The process of one detached VM: boots it, hosts it (hosted.py) until its workload
+    ends, `stop` or a signal, then tears it down."""
+
     def __init__(self, d: VMDir, ready_fd: int) -> None:
         self.d = d
         self._ready_fd: int | None = ready_fd
         self._record = d.read()
         self._opts = self._record.options
         self.vm: Any = None
-        self._main: Any = None  # the main workload's Process
-        self._workload_done = threading.Event()
-        self._done = threading.Event()  # time to tear the VM down
-        self._exit: tuple[int, str | None] = (255, None)
-        self._stop_signal = signal.SIGTERM
-        self._server: ControlServer | None = None
-        self._threads = ThreadGroup("supervisor")
+        self.hosted: HostedVM | None = None
         self._signalled = False
 
     # -- lifecycle (main thread)
@@ -153,10 +146,12 @@ class Supervisor:
             self._teardown(record=False)
             _rmtree_quiet(self.d)
             return 1
-        while not self._signalled and not self._done.wait(0.2):
+        hosted = self.hosted
+        assert hosted is not None
+        while not self._signalled and not hosted.done.wait(0.2):
             pass
-        if self._signalled and not self._workload_done.is_set():
-            self._stop(SIGNAL_STOP_GRACE)  # like `stop`: the workload may clean up
+        if self._signalled and not hosted.done.is_set():
+            hosted.stop(SIGNAL_STOP_GRACE)  # like `stop`: the workload may clean up
         self._teardown()
         if self._opts.get("remove") is True:  # run --rm -d
             _rmtree_quiet(self.d)
@@ -176,25 +171,10 @@ class Supervisor:
         self.vm = VM(spec, home=self.d.path.parent.parent, verbose=bool(o.get("verbose")),
                      on_notice=lambda m: log.info("%s", m))
         self.vm.start()
-        self._stop_signal = parse_stop_signal(self.vm.image.config.stop_signal)
-        work = self.vm.workload(workload)
-        self._main = self.vm.start_workload(workload)
-        # Report a program that cannot start as the run's error, as `docker run -d` does.
-        deadline = time.monotonic() + 30
-        while self._main.pid is None and self._main.exit_status is None and \
-                time.monotonic() < deadline:
-            time.sleep(0.005)
-        status = self._main.exit_status
-        if status is not None and status.error:
-            err = VMError(f"cannot start {work.argv[0]}: {status.error}")
-            err.exit_code = status.exit_code
-            raise err
-        self._serve()
-        self.d.update(status=detached.RUNNING, command=list(work.argv), started=time.time(),
-                      supervisor_pid=os.getpid(), qemu_pid=self.vm.pid,
-                      memory_mib=self.vm.memory_mib, cpus=self.vm.cpus,
-                      ports=[str(p) for p in self.vm.ports])
-        self._threads.start(self._log_workload, name="workload-log")
+        cap = o.get("log_max_bytes")
+        self.hosted = HostedVM(self.d, self.vm, workload,
+                               log_max_bytes=cap if isinstance(cap, int) else DEFAULT_MAX_BYTES)
+        self.hosted.start()
 
     def _report(self, obj: dict[str, object]) -> bool:
         """Tell the launcher how the start went; False if it is no longer listening."""
@@ -202,86 +182,10 @@ class Supervisor:
         return fd is not None and ready.send(fd, obj)
 
     def _teardown(self, record: bool = True) -> None:
-        if self.vm is not None:
-            self.vm.close()  # fails every agent waiter: exec handlers end promptly
-        if self._server is not None:
-            self._server.close()
-        self._threads.join(timeout=2.0)
-        if not record:
-            return
-        if not self._workload_done.is_set():
-            self._exit = (128 + signal.SIGKILL, "the VM was stopped")
-        code, error = self._exit
-        with contextlib.suppress(Error, OSError):
-            self.d.update(status=detached.EXITED, exit_code=code, error=error,
-                          finished=time.time(), qemu_pid=None)
-
-    # -- the main workload
-
-    def _log_workload(self) -> None:
-        code, error = 255, None
-        try:
-            cap = self._opts.get("log_max_bytes")
-            f = LogWriter(self.d.log, cap if isinstance(cap, int) else DEFAULT_MAX_BYTES)
-        except OSError as e:
-            log.warning("cannot open the log: %s", e)
-            f = None
-        try:
-            for stream, data in self._main:
-                if f is not None:
-                    try:
-                        f.write(encode_data(Kind.STDERR if stream == 2 else Kind.STDOUT, data))
-                    except OSError as e:  # e.g. disk full: keep draining, stop logging
-                        log.warning("cannot write the log: %s", e)
-                        f.close()
-                        f = None
-            status = self._main.wait()
-            code, error = status.exit_code, status.error
-        except Error as e:
-            error = str(e)
-        finally:
-            if f is not None:
-                f.close()
-        self._exit = (code, error)
-        self._workload_done.set()
-        self._done.set()
-
-    def _stop(self, timeout: float) -> None:
-        with contextlib.suppress(Error):
-            self._main.signal(self._stop_signal)
-        if not self._workload_done.wait(timeout):
-            with contextlib.suppress(Error):
-                self._main.kill()
-            self._workload_done.wait(STOP_KILL_GRACE)
-        self._done.set()
-
-    # -- the control socket
-
-    def _serve(self) -> None:
-        def stop(req: StopRequest) -> None:
-            self._stop(req.timeout)
-
-        def snapshot(req: SnapshotRequest) -> None:
-            self.vm.snapshot(req.name)
-
-        self._server = ControlServer(self.vm, self.d.path,
-                                     {StopRequest: stop, SnapshotRequest: snapshot})
-        self._server.start()
-
-
-def parse_stop_signal(text: str) -> int:
-    """An image's StopSignal ("SIGQUIT", "QUIT", "3") as a number; SIGTERM by default."""
-    text = (text or "").strip().upper()
-    if not text:
-        return signal.SIGTERM
-    if text.isdigit():
-        n = int(text)
-        return n if 1 <= n <= 64 else signal.SIGTERM
-    name = text if text.startswith("SIG") else f"SIG{text}"
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        return signal.SIGTERM
+        if self.hosted is not None:
+            self.hosted.close(record)
+        elif self.vm is not None:
+            self.vm.close()
 
 
 def main(argv: list[str]) -> int:

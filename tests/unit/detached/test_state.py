@@ -11,7 +11,7 @@ import time
 import pytest
 
 from supermachine.detached import state as detached
-from supermachine.detached.supervisor import parse_stop_signal
+from supermachine.detached.hosted import parse_stop_signal
 from supermachine.errors import UsageError, VMError
 from supermachine.home import Home
 
