@@ -39,14 +39,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import Error
+from .locations import home_root
+from .locations import lock_held as lock_held  # re-exported: callers import it from here
 
 
 def default_root() -> Path:
-    env = os.environ.get("SUPERMACHINE_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "supermachine"
+    return Path(home_root())
 
 
 class Home:
@@ -140,22 +138,6 @@ class Home:
                 not all(c in "0123456789abcdef" for c in hexpart):
             raise Error(f"invalid digest {digest!r}")
         return self.blobs / hexpart
-
-
-def lock_held(path: Path, *, by_any: bool) -> bool:
-    """Whether someone holds an flock on ``path`` (a missing file: no): ``by_any`` counts
-    shared holders too, else only an exclusive one. Probes without waiting or creating."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if by_any else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 @contextlib.contextmanager

@@ -27,6 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"supermachine {__version__}")
         return 0
+    if args[:1] == ["run"]:  # through the service when one runs: no parser here at all
+        from ..service.runclient import try_forward
+
+        code = try_forward(args[1:])
+        if code is not None:
+            return code
     from .app import main as run_command
 
     return run_command(args)

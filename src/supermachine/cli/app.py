@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import Error
+from ..errors import Error, UsageError
 from . import images, kernel, run, service, snapshots, vms, volumes
 from .common import PROG
 from .interrupts import INTERRUPTS
@@ -50,6 +50,22 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+class _RaisingParser(_Parser):
+    """For arguments parsed away from a terminal (the service parsing a forwarded `run`):
+    errors raise instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise UsageError(message or "run's --help is answered by the CLI, not the service")
+
+
+def parse_run_argv(argv: Sequence[str]) -> argparse.Namespace:
+    """``supermachine run ARGV...`` parsed exactly as `main` would; raises UsageError."""
+    return build_parser("run", parser_class=_RaisingParser).parse_args(["run", *argv])
+
+
 #: the global options that may come before the command (see command_named)
 _GLOBAL_FLAGS = ("--debug", "-v", "--verbose")
 
@@ -71,13 +87,15 @@ def command_named(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None,
+                 parser_class: type[argparse.ArgumentParser] = _Parser
+                 ) -> argparse.ArgumentParser:
     """The whole parser, or with ``command`` one that knows only that command: argparse
     builds every subcommand's parser eagerly (~10 ms for all of them, a formatter per
     option), and parsing `ps` needs only its own. Help and errors use the whole one."""
     from .. import __version__
 
-    parser = _Parser(prog=PROG, description="Run OCI/Docker images as isolated microVMs.")
+    parser = parser_class(prog=PROG, description="Run OCI/Docker images as isolated microVMs.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show boot output, QEMU's command line and tracebacks")

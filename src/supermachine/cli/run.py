@@ -104,33 +104,69 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     add_registry_options(p)
 
 
-def specs(args: argparse.Namespace):
-    """The VM and the workload `run` asks for: the only place its options are read."""
-    from ..spec import VMSpec, WorkloadSpec, env_items, parse_ulimit
+def specs(args: argparse.Namespace, *, cwd: str | None = None,
+          environ: dict[str, str] | None = None, stdin_piped: bool | None = None):
+    """The VM and the workload `run` asks for: the only place its options are read.
+
+    ``cwd``, ``environ`` and ``stdin_piped`` are the caller's (this process's by default;
+    the service's, for a `run` it was handed, are the CLI's that sent it)."""
+    from ..spec import KERNEL_NAMES, VMSpec, WorkloadSpec, env_items, parse_ulimit
+
+    cwd = cwd or os.getcwd()
+    environ = os.environ if environ is None else environ
+
+    def path(p: str | None) -> str | None:
+        return p and os.path.abspath(os.path.join(cwd, os.path.expanduser(p)))
 
     given = {"memory": args.memory, "cpus": args.cpus, "accel": args.accel,
              "pull": args.pull, "network": args.network}
     vm = VMSpec.create(
-        _image_arg(args.image), kernel=args.kernel, initrd=args.initrd,
-        platform=args.platform, insecure_registries=tuple(args.insecure_registry),
-        ca_file=args.ca_file and os.path.abspath(args.ca_file), snapshot=not args.no_snapshot,
-        hostname=args.hostname, machine_id=args.machine_id, ports=args.publish,
-        publish_all=args.publish_all, allow_hosts=tuple(args.allow_host),
-        allow_host_loopback=args.allow_host_loopback, mounts=_mounts(args),
+        _image_arg(args.image, cwd),
+        kernel=args.kernel if args.kernel in KERNEL_NAMES else path(args.kernel),
+        initrd=path(args.initrd), platform=args.platform,
+        insecure_registries=tuple(args.insecure_registry), ca_file=path(args.ca_file),
+        snapshot=not args.no_snapshot, hostname=args.hostname, machine_id=args.machine_id,
+        ports=args.publish, publish_all=args.publish_all, allow_hosts=tuple(args.allow_host),
+        allow_host_loopback=args.allow_host_loopback, mounts=_mounts(args, cwd),
         read_only=args.read_only, **{k: v for k, v in given.items() if v is not None})
-    stdin = args.interactive or (not args.tty and _stdin_piped())
-    env = [item for path in args.env_file for item in _env_file(path)]
+    piped = _stdin_piped() if stdin_piped is None else stdin_piped
+    stdin = args.interactive or (not args.tty and piped)
+    env = [item for p in args.env_file for item in _env_file(path(p), environ)]
     work = WorkloadSpec(
         entrypoint=None if args.entrypoint is None else (args.entrypoint,),
-        cmd=tuple(args.cmd), env=(*env, *env_items(args.env, os.environ)), workdir=args.workdir,
+        cmd=tuple(args.cmd), env=(*env, *env_items(args.env, environ)), workdir=args.workdir,
         user=args.user, stdin=stdin, tty=args.tty,
         rlimits=tuple(parse_ulimit(u) for u in args.ulimit))
     return vm, work
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _check_detach_options(args: argparse.Namespace) -> None:
     if (args.name or args.log_max_size) and not args.detach:
         raise UsageError("--name and --log-max-size are for detached VMs: add -d")
+
+
+def forwarded_run(req):
+    """A `run` command line the service was handed (service/runclient.py sends it as a
+    `RunArgsRequest`), read exactly as `cmd_run` reads its own: the `ForwardedRun`."""
+    from ..service.core import ForwardedRun
+    from .app import parse_run_argv
+
+    args = parse_run_argv(req.argv)
+    _check_detach_options(args)
+    environ = dict(item.split("=", 1) for item in req.env if "=" in item)
+    vm_spec, work = specs(args, cwd=req.cwd, environ=environ, stdin_piped=req.stdin == "pipe")
+    if work.tty and req.stdin != "tty":
+        raise UsageError("the input device is not a TTY; drop -t (use -i to pass stdin)")
+    cap = None
+    if args.log_max_size:
+        from ..detached import logfile
+
+        cap = logfile.parse_size(args.log_max_size)
+    return ForwardedRun(vm_spec, work, args.detach, args.name, args.rm, cap)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _check_detach_options(args)
     vm_spec, work = specs(args)
     if work.tty:
         from .. import terminal
@@ -173,28 +209,10 @@ def _service(args: argparse.Namespace):
     return address.find(home_of(args).root)
 
 
-class _Connection:
-    """What INTERRUPTS guards during a run in the service: a signal cuts the connection,
-    and the service then ends the workload and destroys its VM."""
-
-    def __init__(self, conn) -> None:
-        self.conn = conn
-
-    def kill_now(self) -> bool:
-        import socket
-
-        try:
-            self.conn.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            return False
-        return True
-
-
 def _run_in_service(service, args: argparse.Namespace, vm_spec, work) -> int:
-    """`run` through the service: the same specs, sent over its run socket; the output and
-    exit status come back as an `exec NAME`'s do."""
-    from ..detached import client
-    from ..detached.protocol import Kind, RunRequest, encode_request, parse_json
+    """`run` through the service, its options parsed here (service/runclient.py)."""
+    from ..detached.protocol import RunRequest, encode_request
+    from ..service import runclient
 
     cap = None
     if args.log_max_size:
@@ -210,54 +228,19 @@ def _run_in_service(service, args: argparse.Namespace, vm_spec, work) -> int:
         from ..detached.state import validate_name
 
         validate_name(args.name)
-    try:
-        conn = client.connect_socket(service.directory, "run.sock")
-    except OSError as e:
-        raise UsageError(f"the service at {service.directory} does not answer ({e.strerror});"
-                         " use --no-service") from None
-    try:
-        conn.send(encode_request(RunRequest(
-            vm=vm_spec.to_json(), workload=work.to_json(), detach=args.detach, name=args.name,
-            remove=args.rm, log_max_bytes=cap, winsize=winsize)))
-        if args.detach:
-            frame = conn.recv()
-            if frame is None or frame.kind != Kind.EXIT:
-                raise UsageError("the service went away while starting the VM")
-            answer = parse_json(frame)
-            if answer.get("code") != 0:
-                from ..errors import VMError
-
-                err = VMError(str(answer.get("error") or "the service could not start it"))
-                code = answer.get("code")
-                err.exit_code = code if isinstance(code, int) and 0 < code < 256 else 125
-                raise err
-            print(answer.get("name"))
-            return 0
-        from .. import terminal
-
-        proc = client.RemoteProcess(conn, "the command")
-        with INTERRUPTS.guarding(_Connection(conn)):
-            raw = terminal.raw_mode(0) if work.tty else _nothing()
-            with raw:
-                status = terminal.pump(proc, stdin_fd=0 if work.stdin else None,
-                                       tty_fd=0 if work.tty else None)
-        return report_exit(status)
-    finally:
-        conn.close()
+    request = encode_request(RunRequest(
+        vm=vm_spec.to_json(), workload=work.to_json(), detach=args.detach, name=args.name,
+        remove=args.rm, log_max_bytes=cap, winsize=winsize))
+    return runclient.run_request(service.directory, request, tty=work.tty, stdin=work.stdin,
+                                 detach=args.detach)
 
 
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _mounts(args: argparse.Namespace) -> tuple:
+def _mounts(args: argparse.Namespace, cwd: str) -> tuple:
     """-v, --mount and --tmpfs as `Mount`s. As docker does, a missing host directory of
     -v is created (as this user), and --mount type=bind with a missing source is an error."""
     from ..spec import parse_mount_flag, parse_tmpfs, parse_volume
 
-    volumes = [parse_volume(text) for text in args.volume]
+    volumes = [parse_volume(text, cwd) for text in args.volume]
     for m in volumes:
         if m.type == "bind" and not os.path.lexists(m.source):
             try:
@@ -268,7 +251,7 @@ def _mounts(args: argparse.Namespace) -> tuple:
             *(parse_tmpfs(text) for text in args.tmpfs))
 
 
-def _env_file(path: str) -> tuple[str, ...]:
+def _env_file(path: str, environ) -> tuple[str, ...]:
     from ..spec import MAX_ENV_FILE, parse_env_file
 
     try:
@@ -276,7 +259,7 @@ def _env_file(path: str) -> tuple[str, ...]:
             data = f.read(MAX_ENV_FILE + 1)
     except OSError as e:
         raise UsageError(f"--env-file {path}: {e.strerror}") from None
-    return parse_env_file(data.decode("utf-8", "replace"), os.environ, f"--env-file {path}")
+    return parse_env_file(data.decode("utf-8", "replace"), environ, f"--env-file {path}")
 
 
 def _stdin_piped() -> bool:
@@ -287,11 +270,11 @@ def _stdin_piped() -> bool:
     return not os.isatty(0)
 
 
-def _image_arg(image: str) -> str:
+def _image_arg(image: str, cwd: str | None = None) -> str:
     """Local paths made absolute (a detached VM's supervisor runs from /)."""
     from ..images.source import parse_source
 
-    src = parse_source(image)
+    src = parse_source(image, cwd)
     if src is None:
         return image
     path = os.path.abspath(src.path)

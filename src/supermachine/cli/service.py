@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..service import http
     from ..service.core import Limits
     from ..spec import VMSpec, parse_memory
-    from .run import _image_arg
+    from .run import _image_arg, forwarded_run
 
     pools = []
     for text in args.pool:
@@ -73,4 +73,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
               (f" (token in {directory}/token)" if tcp else ""), file=sys.stderr, flush=True)
 
     return http.serve(home_of(args), listen=args.listen, pools=tuple(pools), limits=limits,
-                      ready=ready)
+                      ready=ready, parse_run=forwarded_run)

@@ -18,18 +18,15 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..errors import VMError
+from . import wire
+from .wire import MAX_PAYLOAD, ControlError, Frame, encode
 
-MAX_PAYLOAD = 1 << 16
+__all__ = ["MAX_PAYLOAD", "ControlError", "Frame", "encode", "Decoder", "Kind"]
+
 MAX_ARGS = 4096  # argv or env entries in one request
 MAX_PATH = 4096
-_HEADER = struct.Struct("<BI")
 _RESIZE = struct.Struct("<HH")
 _SIGNAL = struct.Struct("<B")
-
-
-class ControlError(VMError):
-    """A malformed or oversized message on a detached VM's control socket."""
 
 
 class Kind(IntEnum):
@@ -41,18 +38,7 @@ class Kind(IntEnum):
     STDOUT = 6  # supervisor -> client (and log records)
     STDERR = 7  # supervisor -> client (and log records)
     EXIT = 8  # supervisor -> client, JSON object, last frame
-
-
-@dataclass(frozen=True)
-class Frame:
-    kind: Kind
-    payload: bytes
-
-
-def encode(kind: Kind, payload: bytes = b"") -> bytes:
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-    return _HEADER.pack(kind, len(payload)) + payload
+    STARTED = 9  # service -> CLI, JSON object: how a forwarded `run` was parsed
 
 
 def encode_data(kind: Kind, data: bytes) -> bytes:
@@ -79,32 +65,11 @@ def encode_signal(signo: int) -> bytes:
     return encode(Kind.SIGNAL, _SIGNAL.pack(signo))
 
 
-class Decoder:
-    """Incremental frame parser; holds at most one partial frame (<= MAX_PAYLOAD + 5 bytes)."""
+class Decoder(wire.Decoder):
+    """Incremental frame parser (wire.py) whose frames carry `Kind`s."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
-        frames: list[Frame] = []
-        while len(self._buf) >= _HEADER.size:
-            kind, length = _HEADER.unpack_from(self._buf)
-            if kind not in Kind._value2member_map_:
-                raise ControlError(f"unknown control frame type {kind}")
-            if length > MAX_PAYLOAD:
-                raise ControlError(f"control frame of {length} bytes exceeds {MAX_PAYLOAD}")
-            end = _HEADER.size + length
-            if len(self._buf) < end:
-                break
-            frames.append(Frame(Kind(kind), bytes(self._buf[_HEADER.size:end])))
-            del self._buf[:end]
-        return frames
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete frame (non-zero at EOF means the peer was cut off)."""
-        return len(self._buf)
+        super().__init__(Kind)
 
 
 def parse_json(frame: Frame) -> dict[str, object]:
@@ -201,8 +166,23 @@ class RunRequest:
     winsize: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class RunArgsRequest:
+    """`supermachine run ARGS...` handed to the service as typed (service/runclient.py),
+    with what the arguments are relative to: the caller's directory and environment, and
+    whether its stdin is a terminal ("tty"), a pipe or file ("pipe") or absent ("none").
+    The service parses them as the CLI would, answers STARTED (``{"tty", "stdin",
+    "detach"}``) and then as for a `RunRequest`."""
+
+    argv: tuple[str, ...]
+    cwd: str
+    env: tuple[str, ...]
+    stdin: str = "none"
+    winsize: tuple[int, int] | None = None
+
+
 Request = (ExecRequest | ReadRequest | WriteRequest | StopRequest | SnapshotRequest |
-           StartRequest | SignalRequest | PauseRequest | RunRequest)
+           StartRequest | SignalRequest | PauseRequest | RunRequest | RunArgsRequest)
 
 
 def encode_request(req: Request) -> bytes:
@@ -224,6 +204,9 @@ def encode_request(req: Request) -> bytes:
         obj = {"op": "signal", "signo": req.signo}
     elif isinstance(req, PauseRequest):
         obj = {"op": "pause" if req.pause else "resume"}
+    elif isinstance(req, RunArgsRequest):
+        obj = {"op": "runargs", "argv": list(req.argv), "cwd": req.cwd, "env": list(req.env),
+               "stdin": req.stdin, "winsize": list(req.winsize) if req.winsize else None}
     elif isinstance(req, RunRequest):
         obj = {"op": "run", "vm": req.vm, "workload": req.workload, "detach": req.detach,
                "name": req.name, "remove": req.remove, "log_max_bytes": req.log_max_bytes,
@@ -250,6 +233,14 @@ def parse_request(frame: Frame) -> Request:
                            tty=_bool(obj.get("tty", False), "tty"),
                            winsize=_winsize(obj.get("winsize")),
                            rlimits=_rlimits(obj.get("rlimits", [])))
+    if op == "runargs":
+        stdin = obj.get("stdin", "none")
+        if stdin not in ("tty", "pipe", "none"):
+            raise ControlError("runargs request has a malformed stdin")
+        cwd = _path(obj.get("cwd"))
+        return RunArgsRequest(argv=_str_list(obj.get("argv"), "argv"), cwd=cwd,
+                              env=_str_list(obj.get("env", []), "env"), stdin=stdin,
+                              winsize=_winsize(obj.get("winsize")))
     if op == "run":
         vm, work, cap = obj.get("vm"), obj.get("workload"), obj.get("log_max_bytes")
         if not isinstance(vm, dict) or not isinstance(work, dict):

@@ -33,27 +33,31 @@ class LocalSource:
     text: str  # what the user typed
 
 
-def parse_source(ref: str) -> LocalSource | None:
-    """A LocalSource for local references, None for registry references."""
+def parse_source(ref: str, cwd: str | None = None) -> LocalSource | None:
+    """A LocalSource for local references, None for registry references. Relative paths
+    are looked up (and kept) relative to ``cwd`` when given, else to this process's."""
+    def here(path: str) -> str:
+        return os.path.join(cwd, os.path.expanduser(path)) if cwd else path
+
     transport, sep, rest = ref.partition(":")
     if sep and transport in TRANSPORTS:
         if not rest:
             raise ImageError(f"{ref!r} names no path; use {transport}:PATH")
-        path, tag = _split_existing(rest)
-        return LocalSource(transport, Path(path).expanduser(), tag, ref)
+        path, tag = _split_existing(rest, here)
+        return LocalSource(transport, Path(here(path)).expanduser(), tag, ref)
     if ref.startswith(("/", ".", "~")):
-        return LocalSource("auto", Path(ref).expanduser(), None, ref)
-    if ("/" in ref or ref.endswith(".tar")) and os.path.exists(ref):
-        return LocalSource("auto", Path(ref), None, ref)
+        return LocalSource("auto", Path(here(ref)).expanduser(), None, ref)
+    if ("/" in ref or ref.endswith(".tar")) and os.path.exists(here(ref)):
+        return LocalSource("auto", Path(here(ref)), None, ref)
     return None
 
 
-def _split_existing(rest: str) -> tuple[str, str | None]:
+def _split_existing(rest: str, here=lambda p: p) -> tuple[str, str | None]:
     """Split ``PATH[:TAG]`` where PATH itself may contain colons: the longest existing path
     wins; with none existing, the first colon separates."""
     cuts = [i for i, c in enumerate(rest) if c == ":"]
     for i in reversed([len(rest), *cuts]):
-        if os.path.exists(os.path.expanduser(rest[:i])):
+        if os.path.exists(os.path.expanduser(here(rest[:i]))):
             return rest[:i], (rest[i + 1 :] or None)
     if cuts:
         return rest[: cuts[0]], rest[cuts[0] + 1 :] or None

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 MAX_INFO = 1 << 16
 #: set to 1 to keep every command in-process even when a service runs
@@ -25,19 +23,25 @@ HOST_ENV = "SUPERMACHINE_HOST"
 TOKEN_ENV = "SUPERMACHINE_TOKEN"
 
 
-def runtime_dir() -> Path:
+def runtime_dir():
     """$SUPERMACHINE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/supermachine, else
     /tmp/supermachine-UID (a directory only this user may enter; see `ensure_private`)."""
+    from pathlib import Path
+
+    return Path(runtime_dir_text())
+
+
+def runtime_dir_text() -> str:
     explicit = os.environ.get("SUPERMACHINE_RUNTIME_DIR")
     if explicit:
-        return Path(explicit)
+        return explicit
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "supermachine"
-    return Path(f"/tmp/supermachine-{os.getuid()}")
+        return os.path.join(xdg, "supermachine")
+    return f"/tmp/supermachine-{os.getuid()}"
 
 
-def ensure_private(path: Path) -> None:
+def ensure_private(path) -> None:
     """Create ``path`` 0700, or check that an existing one is this user's and private (in
     /tmp another user could have made it first)."""
     try:
@@ -56,28 +60,26 @@ def ensure_private(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
-@dataclass(frozen=True)
 class ServiceInfo:
-    directory: Path
-    pid: int
-    home: str
-    version: str
-    tcp: str | None  # "HOST:PORT" when it also listens on TCP
+    """A running service, as its service.json says (a plain class: this module is on the
+    CLI's quickest path, and dataclasses costs more to import than the whole request)."""
 
-    @property
-    def api_socket(self) -> Path:
-        return self.directory / "api.sock"
+    __slots__ = ("directory", "pid", "home", "version", "tcp")
 
-    @property
-    def run_socket(self) -> Path:
-        return self.directory / "run.sock"
+    def __init__(self, directory: str, pid: int, home: str, version: str,
+                 tcp: str | None) -> None:
+        self.directory = directory
+        self.pid = pid
+        self.home = home
+        self.version = version
+        self.tcp = tcp  # "HOST:PORT" when it also listens on TCP
 
 
-def find(home: str | os.PathLike[str], directory: Path | None = None) -> ServiceInfo | None:
+def find(home: str | os.PathLike[str], directory: str | None = None) -> ServiceInfo | None:
     """The service serving ``home`` that is running now, if any."""
-    directory = directory or runtime_dir()
+    directory = str(directory or runtime_dir_text())
     try:
-        with open(directory / "service.json", "rb") as f:
+        with open(os.path.join(directory, "service.json"), "rb") as f:
             obj = json.loads(f.read(MAX_INFO))
     except (OSError, ValueError):
         return None
@@ -86,9 +88,9 @@ def find(home: str | os.PathLike[str], directory: Path | None = None) -> Service
     pid = obj.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return None
-    from ..home import lock_held
+    from ..locations import lock_held
 
-    if not lock_held(directory / "lock", by_any=False):
+    if not lock_held(os.path.join(directory, "lock"), by_any=False):
         return None  # a service that died (even SIGKILLed) left its lock free
     tcp = obj.get("tcp")
     return ServiceInfo(directory, pid, obj["home"], str(obj.get("version", "")),

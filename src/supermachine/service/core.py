@@ -26,7 +26,7 @@ from typing import Any
 from ..detached import state as detached
 from ..detached.hosted import HostedVM
 from ..detached.logfile import DEFAULT_MAX_BYTES
-from ..detached.protocol import Kind, RunRequest, encode_json
+from ..detached.protocol import Kind, RunArgsRequest, RunRequest, encode_json
 from ..detached.server import exit_frame, stream_process
 from ..errors import Error, UsageError, VMError
 from ..home import Home
@@ -40,6 +40,18 @@ log = logging.getLogger(__name__)
 MAX_TTL = 86400 * 30
 REAP_INTERVAL = 0.1
 ACQUIRE_TIMEOUT = 300.0  # a pool that cannot start VMs fails the request after this
+
+
+@dataclass(frozen=True)
+class ForwardedRun:
+    """What a `run` asks of the service, typed: the VM, its workload, and -d's options."""
+
+    spec: VMSpec
+    work: WorkloadSpec
+    detach: bool = False
+    name: str | None = None
+    remove: bool = False
+    log_max_bytes: int | None = None
 
 
 class LimitError(Error):
@@ -103,8 +115,12 @@ class Sandbox:
 class Service:
     """Owns every sandbox and pool; thread-safe. `close()` destroys them all."""
 
-    def __init__(self, home: Home, limits: Limits | None = None) -> None:
+    def __init__(self, home: Home, limits: Limits | None = None, *,
+                 parse_run: Any = None) -> None:
+        """``parse_run``: turns a `RunArgsRequest` into a `ForwardedRun` (the CLI's own
+        parsing, cli/run.py); without it the service takes only typed `RunRequest`s."""
         self.home = home
+        self._parse_run = parse_run
         self.limits = limits or Limits()
         self._lock = threading.Lock()
         self._sandboxes: dict[str, Sandbox] = {}
@@ -329,23 +345,33 @@ class Service:
 
     # ---- the CLI's `run` ----------------------------------------------------------------
 
-    def handle_run(self, conn: Any, req: RunRequest, threads: ThreadGroup) -> None:
-        """A `RunRequest` from the CLI's run socket (detached/protocol.py)."""
+    def handle_run(self, conn: Any, req: RunRequest | RunArgsRequest,
+                   threads: ThreadGroup) -> None:
+        """A `run` from the CLI's run socket (detached/protocol.py): typed specs, or a
+        command line to parse as the CLI would (then answered STARTED first)."""
         try:
-            spec = VMSpec.from_json(req.vm)
-            work = WorkloadSpec.from_json(req.workload)
+            if isinstance(req, RunArgsRequest):
+                if self._parse_run is None:
+                    raise UsageError("this service does not parse command lines")
+                run = self._parse_run(req)
+            else:
+                run = ForwardedRun(VMSpec.from_json(req.vm), WorkloadSpec.from_json(
+                    req.workload), req.detach, req.name, req.remove, req.log_max_bytes)
         except Error as e:
             conn.send(exit_frame(e.exit_code, str(e)))
             return
-        if req.detach:
-            sb = self.create(spec, name=req.name, workload=work, remove=req.remove,
-                             log_max_bytes=req.log_max_bytes or DEFAULT_MAX_BYTES)
+        if isinstance(req, RunArgsRequest):
+            conn.send(encode_json(Kind.STARTED, {"tty": run.work.tty, "stdin": run.work.stdin,
+                                                 "detach": run.detach}))
+        if run.detach:
+            sb = self.create(run.spec, name=run.name, workload=run.work, remove=run.remove,
+                             log_max_bytes=run.log_max_bytes or DEFAULT_MAX_BYTES)
             conn.send(encode_json(Kind.EXIT, {"code": 0, "name": sb.name}))
             return
-        with self._reservation(spec) as pool:
-            vm = self._start_vm(spec, pool)
+        with self._reservation(run.spec) as pool:
+            vm = self._start_vm(run.spec, pool)
             try:
-                proc = vm.start_workload(work, winsize=req.winsize)
+                proc = vm.start_workload(run.work, winsize=req.winsize)
                 stream_process(conn, proc, threads)
             finally:
                 # Destroyed off the client's path: its answer is sent already.

@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .. import __version__
-from ..detached.protocol import ControlError, Decoder, Frame, RunRequest
+from ..detached.protocol import ControlError, Decoder, Frame, RunArgsRequest, RunRequest
 from ..detached.server import ControlServer
 from ..errors import AgentError, Error, ImageError, SnapshotError, UsageError, VMError
 from ..home import Home, atomic_write_bytes
@@ -399,8 +399,9 @@ def _token(directory: Path) -> str:
 
 
 def serve(home: Home, *, listen: str | None = None, pools: tuple = (),
-          limits: Limits | None = None, ready=None) -> int:
-    """Run the service until SIGTERM/SIGINT; ``pools``: ``(VMSpec, size)`` pairs."""
+          limits: Limits | None = None, ready=None, parse_run=None) -> int:
+    """Run the service until SIGTERM/SIGINT; ``pools``: ``(VMSpec, size)`` pairs;
+    ``parse_run``: see `Service`."""
     directory = address.runtime_dir()
     address.ensure_private(directory)
     lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -412,7 +413,8 @@ def serve(home: Home, *, listen: str | None = None, pools: tuple = (),
                     "SUPERMACHINE_RUNTIME_DIR for a second one)") from None
     tcp = _parse_listen(listen) if listen else None
     try:
-        return asyncio.run(_serve(home, directory, tcp, pools, limits or Limits(), ready))
+        service = Service(home, limits or Limits(), parse_run=parse_run)
+        return asyncio.run(_serve(service, directory, tcp, pools, ready))
     finally:
         for name in ("service.json", "api.sock", "run.sock"):
             with contextlib.suppress(FileNotFoundError):
@@ -420,17 +422,17 @@ def serve(home: Home, *, listen: str | None = None, pools: tuple = (),
         os.close(lock_fd)
 
 
-async def _serve(home: Home, directory: Path, tcp: tuple[str, int] | None, pools: tuple,
-                 limits: Limits, ready) -> int:
+async def _serve(service: Service, directory: Path, tcp: tuple[str, int] | None,
+                 pools: tuple, ready) -> int:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="service-worker")
     loop.set_default_executor(executor)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    service = Service(home, limits).start()
-    run_server = ControlServer(None, directory, streams={RunRequest: service.handle_run},
-                               name="run.sock")
+    service.start()
+    run_server = ControlServer(None, directory, streams={
+        RunRequest: service.handle_run, RunArgsRequest: service.handle_run}, name="run.sock")
     runner = web.AppRunner(make_app(service, _token(directory) if tcp else ""),
                            handle_signals=False, access_log=None)
     try:
@@ -451,7 +453,7 @@ async def _serve(home: Home, directory: Path, tcp: tuple[str, int] | None, pools
             sockets = getattr(server, "sockets", None) or []
             bound = f"{tcp[0]}:{sockets[0].getsockname()[1]}" if sockets else \
                 f"{tcp[0]}:{tcp[1]}"
-        info = {"pid": os.getpid(), "home": os.path.realpath(home.root),
+        info = {"pid": os.getpid(), "home": os.path.realpath(service.home.root),
                 "version": __version__, "tcp": bound}
         atomic_write_bytes(directory / "service.json", json.dumps(info).encode(), mode=0o600)
         if ready is not None:
