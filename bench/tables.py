@@ -487,10 +487,103 @@ def bench_oci(r: dict[str, Any]) -> list[Table]:
                   rows, [f"{k}: {v[k]}" for k in sorted(v)])]
 
 
+def bench_service(r: dict[str, Any]) -> list[Table]:
+    t, cli, api, rtt = r["targets"], r["cli"], r["api_acquire"], r["exec_rtt"]
+    svc, loc = "service", "in-process"
+
+    def row(label: str, n: int, a: dict[str, Any], b: dict[str, Any], target: str) -> list[str]:
+        return [label, str(n), fmt_s(a["median"]), fmt_s(a["p99"]), fmt_s(b["median"]),
+                fmt_s(b["p99"]), fmt_x(a["median"] / b["median"]), target]
+
+    def met(ok: bool) -> str:
+        return "yes" if ok else "NO"
+
+    cs, ac = cli["summary"], api["summary"]
+    tty = "service, stdin a terminal"
+
+    def cli_target(mode: str) -> str:
+        return (f"p50 <= {fmt_s(t['cli_service_p50_s'])}: "
+                + met(cs[mode]["median"] <= t["cli_service_p50_s"]))
+
+    rs = rtt["summary"]
+    out = [Table(
+        f"the service against the in-process paths (busybox, accel {r['machine']['accel']}; "
+        "every pool full before each rep, so each service rep is a pool hit)",
+        ["measure", "n", "service p50", "service p99", "in-process p50", "in-process p99",
+         "service / in-process (p50)", "target"], [
+            row("`run IMAGE echo x`, whole process (in-process: `--no-service`)", cli["reps"],
+                cs[svc], cs[loc], cli_target(svc)),
+            row("  the same, the service's with stdin a terminal (no stdin to pass on)",
+                cli["reps"], cs[tty], cs[loc], cli_target(tty)),
+            row("acquire -> first exec result (API `create` / `Pool.acquire()`)", api["reps"],
+                ac[svc]["total"], ac[loc]["total"],
+                f"p50 <= {fmt_s(t['api_acquire_to_first_exec_p50_s'])}: "
+                + met(ac[svc]["total"]["median"] <= t["api_acquire_to_first_exec_p50_s"])),
+            row("  of which acquire", api["reps"], ac[svc]["acquire"], ac[loc]["acquire"], ""),
+            row("  of which first exec", api["reps"], ac[svc]["first_exec"],
+                ac[loc]["first_exec"], ""),
+            row("exec true round trip (HTTP on one sandbox / `vm.exec` on a warm VM)",
+                rtt["calls"], rs[svc], rs[loc],
+                f"ratio <= {t['exec_rtt_ratio_p50']:g}x: "
+                + met(rtt["ratio_service_over_in_process"] <= t["exec_rtt_ratio_p50"])),
+        ], [f"pool of {r['pool_sizes']['cli_and_api']} on both sides; the close / release "
+            "after each acquire is untimed.",
+            "CLI processes get stdin /dev/null, which `run` passes on to the workload (any "
+            "stdin that is not a terminal is); the second row gives the service's a pty "
+            "instead, as at a shell (in-process columns: the `--no-service` row's)."])]
+    tp = r["throughput"]
+    rows = []
+    for name in (svc, loc):
+        x = tp[name]
+        cyc = x["cycle"]
+        ratio = x["per_minute_median"] / tp[loc]["per_minute_median"] \
+            if tp[loc]["per_minute_median"] else 0.0
+        rows.append([name, f"{x['per_minute_median']:.0f}", str(x["cycles"]),
+                     fmt_s(cyc["median"]) if cyc else "-", fmt_s(cyc["p99"]) if cyc else "-",
+                     f"{x['hits']} / {x['misses']}", fmt_x(ratio)])
+    out.append(Table(
+        f"throughput: sandboxes created, exec'd (`true`) and destroyed per minute "
+        f"({r['threads']} client threads, pool of {r['pool_sizes']['throughput']} (max "
+        f"{r['pool_sizes']['throughput']}), {r['rounds']} x {r['window_s']:g} s window each, "
+        "rounds alternating)",
+        ["path", "per minute (median of rounds)", "cycles", "cycle p50", "cycle p99",
+         "pool hits / misses", "/ in-process"], rows,
+        ["service: `create` + `exec` + `close` over HTTP; in-process: `Pool.acquire()` + "
+         "`exec` + `release()`; a cycle counts when it ends inside the window."]))
+    p = r["service_process"]
+
+    def stopped(seconds: float | None) -> str:
+        return fmt_s(seconds) if seconds is not None else "no exit within 120 s (killed)"
+
+    left = p["leftover_processes"] + [f"VM directory {d}" for d in p["leftover_vm_dirs"]]
+    out.append(Table("the serve process", ["measure", "value"], [
+        ["VmRSS, idle (started without pools; no sandboxes)", mib(p["serve_rss_idle"])],
+        [f"VmRSS, pool of {r['pool_sizes']['cli_and_api']} ready", mib(p["serve_rss_pool2"])],
+        [f"VmRSS, pool of {r['pool_sizes']['throughput']} ready", mib(p["serve_rss_pool8"])],
+        ["VmRSS, after the throughput window (pool refilled)",
+         mib(p["serve_rss_after_throughput"])],
+        ["VmRSS, at the end (pools deleted, no sandboxes)", mib(p["serve_rss_end_no_pools"])],
+        [f"VM processes (QEMU + passt), PSS sum, pool of {r['pool_sizes']['cli_and_api']}",
+         mib(p["vm_pss_pool2"])],
+        [f"VM processes (QEMU + passt), PSS sum, pool of {r['pool_sizes']['throughput']}",
+         mib(p["vm_pss_pool8"])],
+        ["start-up: Popen to service.json (no pools)", fmt_s(p["idle_startup_s"])],
+        [f"pool of {r['pool_sizes']['cli_and_api']} full, after service.json",
+         fmt_s(p["pool2_ready_after_service_json_s"])],
+        [f"pool of {r['pool_sizes']['throughput']} full, after create_pool",
+         fmt_s(p["pool8_fill_s"])],
+        ["SIGTERM to exit, idle", stopped(p["idle_stop_s"])],
+        [f"SIGTERM to exit, {p['vm_processes_at_stop']} VM processes (a pool and a sandbox)",
+         stopped(p["stop_s"])],
+        ["left after SIGTERM (qemu-system, passt, VM directories)", ", ".join(left) or "none"],
+    ]))
+    return out
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "bench_run": bench_run, "bench_pull": bench_pull, "bench_exec": bench_exec,
     "bench_snapshot": bench_snapshot, "bench_net": bench_net, "bench_peers": bench_peers,
     "bench_cli": bench_cli, "bench_previous": bench_previous, "bench_kernel": bench_kernel,
     "bench_volumes": bench_volumes, "bench_jail": bench_jail, "bench_hostile": bench_hostile,
-    "bench_oci": bench_oci,
+    "bench_oci": bench_oci, "bench_service": bench_service,
 }

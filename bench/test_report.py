@@ -184,12 +184,46 @@ def hostile_results() -> dict[str, Any]:
                                                               "drained_bytes": 1 << 30}}}
 
 
+def service_results() -> dict[str, Any]:
+    both = {"service": summ(0.2), "service, stdin a terminal": summ(0.09),
+            "in-process": summ(0.55)}
+    api = {side: {"total": summ(t), "acquire": summ(t / 3), "first_exec": summ(t * 2 / 3)}
+           for side, t in (("service", 0.03), ("in-process", 0.02))}
+    rtt = {"service": summ(0.025), "in-process": summ(0.018)}
+
+    def tp(rate: float) -> dict[str, Any]:
+        return {"per_minute_median": rate, "cycles": int(rate / 4), "cycle": summ(0.8),
+                "hits": int(rate / 4), "misses": 1}
+
+    return {"image": "busybox fixture", "threads": 4, "window_s": 15.0, "rounds": 1,
+            "pool_sizes": {"cli_and_api": 2, "throughput": 8},
+            "targets": {"cli_service_p50_s": 0.1, "api_acquire_to_first_exec_p50_s": 0.02,
+                        "exec_rtt_ratio_p50": 1.5},
+            "cli": {"reps": 5, "modes": list(both), "summary": both, "pool_hits": 10,
+                    "ratio_over_in_process": {k: v["median"] / 0.55 for k, v in both.items()}},
+            "api_acquire": {"reps": 10, "summary": api, "ratio_service_over_in_process": 1.5},
+            "exec_rtt": {"calls": 50, "summary": rtt,
+                         "ratio_service_over_in_process": 0.025 / 0.018},
+            "throughput": {"service": tp(240.0), "in-process": tp(300.0),
+                           "ratio_service_over_in_process": 0.8},
+            "service_process": {"serve_rss_idle": 60 << 20, "serve_rss_pool2": 70 << 20,
+                                "serve_rss_pool8": 75 << 20,
+                                "serve_rss_after_throughput": 80 << 20,
+                                "serve_rss_end_no_pools": 78 << 20, "vm_pss_pool2": 90 << 20,
+                                "vm_pss_pool8": 300 << 20, "idle_startup_s": 0.5,
+                                "pool2_ready_after_service_json_s": 1.5, "pool8_fill_s": 6.0,
+                                "idle_stop_s": 0.2, "stop_s": None, "vm_processes_at_stop": 4,
+                                "leftover_processes": ["passt (pid 4242)"],
+                                "leftover_vm_dirs": [], "exit_codes": [0, 0]}}
+
+
 FACTORIES = {"bench_run": run_results, "bench_pull": pull_results, "bench_exec": exec_results,
              "bench_snapshot": snapshot_results, "bench_net": net_results,
              "bench_peers": peers_results, "bench_cli": cli_results,
              "bench_previous": previous_results, "bench_kernel": kernel_results,
              "bench_volumes": volumes_results, "bench_jail": jail_results,
-             "bench_hostile": hostile_results, "bench_oci": oci_results}
+             "bench_hostile": hostile_results, "bench_oci": oci_results,
+             "bench_service": service_results}
 
 README = """# Benchmarks
 

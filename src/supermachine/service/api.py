@@ -83,7 +83,7 @@ def _object(body: object, what: str) -> dict[str, Any]:
 
 
 def _known(body: dict[str, Any], allowed: dict[str, Any], what: str) -> None:
-    unknown = sorted(str(k)[:32] for k in body if k not in allowed)
+    unknown = sorted(repr(str(k)[:32]) for k in body if k not in allowed)
     if unknown:
         raise UsageError(f"{what}: unknown field(s) {', '.join(unknown[:5])}")
 

@@ -226,6 +226,10 @@ class Client:
     def pools(self) -> list[dict]:
         return self.request("GET", "/v1/pools")
 
+    def pool(self, pool_id: str) -> dict:
+        """A pool's spec and stats (ready, in_use, hits, misses, acquire latency)."""
+        return self.request("GET", f"/v1/pools/{quote(pool_id)}")
+
     def create_pool(self, image: str, size: int = 2, *, max_size: int | None = None,
                     idle_timeout: float | None = None, **vm_fields: Any) -> dict:
         body = {"image": image, "size": size, **vm_fields}
@@ -256,8 +260,9 @@ class Client:
     def websocket(self, path: str):
         from websockets.sync import client as ws_client
 
+        # legacy: the connection itself, closed by the process handle that owns it
         kw = {"additional_headers": self.endpoint.headers(), "max_size": 1 << 20,
-              "open_timeout": self.timeout}
+              "open_timeout": self.timeout, "legacy": True}
         if self.endpoint.unix:
             return ws_client.unix_connect(self.endpoint.unix, f"ws://localhost{path}", **kw)
         return ws_client.connect(f"ws://{self.endpoint.base}{path}", **kw)

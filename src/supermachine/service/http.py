@@ -178,8 +178,15 @@ class _WSConn:
         return asyncio.run_coroutine_threadsafe(self.frames.get(), self._loop).result()
 
     def close(self) -> None:
+        """End this side: whoever waits in recv() gets None. The WebSocket itself is closed
+        by exec_stream once the exec has returned (closing it from here, while the EXIT
+        frame was on its way, lost that frame now and then under load)."""
+        def end() -> None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.frames.put_nowait(None)
+
         with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
-            asyncio.run_coroutine_threadsafe(self._ws.close(), self._loop)
+            self._loop.call_soon_threadsafe(end)
 
     async def read_loop(self) -> None:
         decoder = Decoder()
@@ -381,8 +388,8 @@ def make_app(service: Service, token: str) -> web.Application:
 
 def _parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--listen {text!r}: use HOST:PORT (e.g. 127.0.0.1:7777)")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"--listen {text!r}: use HOST:PORT (e.g. 127.0.0.1:7777; port 0: any)")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -411,6 +418,9 @@ def serve(home: Home, *, listen: str | None = None, pools: tuple = (),
         os.close(lock_fd)
         raise Error(f"a service already runs on {directory} (stop it, or set "
                     "SUPERMACHINE_RUNTIME_DIR for a second one)") from None
+    for stale in ("service.json", "api.sock", "run.sock"):  # a killed service's
+        with contextlib.suppress(FileNotFoundError):
+            (directory / stale).unlink()
     tcp = _parse_listen(listen) if listen else None
     try:
         service = Service(home, limits or Limits(), parse_run=parse_run)
