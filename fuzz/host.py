@@ -16,6 +16,9 @@ Targets (what a hostile guest, image or client controls):
   member's header and data read.
 - oci: an OCI bundle's config.json and an exec's process.json, as engines hand them to
   supermachine-runtime (`oci.config.parse_bundle`, `parse_process`).
+- service: JSON bodies of the service's HTTP API, as a client sends them
+  (`service.api`: sandbox, pool, resize, exec, port and snapshot bodies, and the VM spec
+  each sandbox or pool body becomes).
 
     .venv/bin/python fuzz/host.py [--cases N] [--seed S] [--target NAME ...] [--out FILE]
                                   [--coverage N]
@@ -45,6 +48,7 @@ from supermachine.detached import protocol as cp  # noqa: E402
 from supermachine.errors import Error  # noqa: E402
 from supermachine.images import manifest, tarsafe  # noqa: E402
 from supermachine.oci import config as oci  # noqa: E402
+from supermachine.service import api as service_api  # noqa: E402
 
 NONCE = b"N" * ap.NONCE_SIZE
 MAX_CASE = 1 << 16
@@ -203,6 +207,38 @@ def oci_check(data: bytes) -> None:
         pass
 
 
+def service_seeds() -> list[bytes]:
+    bodies = [
+        {"image": "/img", "memory": "256M", "cpus": 2, "network": "user",
+         "ports": ["8080:80", "127.0.0.1::53/udp"], "volumes": ["/srv:/srv:ro", "cache:/c"],
+         "tmpfs": ["/tmp:size=64m"], "hostname": "h", "machine_id": "random",
+         "read_only": True, "name": "sb-1", "ttl": 60},
+        {"image": "snapshot:warm", "size": 2, "max_size": 4, "idle_timeout": 30.5},
+        {"size": 0, "max_size": 1},
+        {"argv": ["sh", "-c", "echo hi"], "env": {"A": "1"}, "cwd": "/", "user": "1:1",
+         "stdin": "aGk=", "timeout": 5},
+        {"guest_port": 80, "host_port": 0, "host_ip": "127.0.0.1", "proto": "tcp"},
+        {"name": "snap-1"},
+    ]
+    return [json.dumps(b).encode() for b in bodies]
+
+
+def service_check(data: bytes) -> None:
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return  # the server answers 400 before any parser sees it
+    for parse in (service_api.sandbox_request, service_api.pool_request,
+                  lambda b: service_api.pool_request(b, resize=True),
+                  service_api.exec_request, service_api.port_request,
+                  service_api.snapshot_request):
+        try:
+            parse(body)
+        except Error as e:
+            if "\n" in str(e):
+                raise AssertionError(f"a multi-line error: {str(e)[:200]!r}") from None
+
+
 #: the parsing code whose lines count as each target's coverage (functions and classes)
 PARSERS = {
     "agent": (ap.Decoder, ap._parse, ap._text, ap.Connection.receive, ap.Connection._check),
@@ -217,6 +253,10 @@ PARSERS = {
     "oci": (oci.load_json, oci.parse_bundle, oci.parse_process, oci._mounts, oci._network,
             oci._annotations, oci._memory, oci._cpus, oci._tmpfs_size, oci._obj, oci._list,
             oci._text, oci._texts, oci._bool, oci._id),
+    "service": (service_api._object, service_api._known, service_api.vm_spec,
+                service_api.sandbox_request, service_api.pool_request,
+                service_api.exec_request, service_api.port_request,
+                service_api.snapshot_request),
 }
 
 TARGETS: dict[str, tuple[Callable[[], list[bytes]], Callable[[bytes], None]]] = {
@@ -225,6 +265,7 @@ TARGETS: dict[str, tuple[Callable[[], list[bytes]], Callable[[bytes], None]]] = 
     "manifest": (manifest_seeds, manifest_check),
     "layer": (layer_seeds, layer_check),
     "oci": (oci_seeds, oci_check),
+    "service": (service_seeds, service_check),
 }
 
 

@@ -416,3 +416,46 @@ def test_another_user_cannot_reach_the_service(service):
     r = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-c", script],
                        capture_output=True, timeout=30)
     assert r.returncode == 13, r.stderr
+
+
+def test_ctrl_c_and_a_terminal_through_the_service(service, busybox, home):
+    from tests.e2e.test_interactive import Terminal
+
+    env = {**os.environ, "SUPERMACHINE_HOME": str(home),
+           "SUPERMACHINE_RUNTIME_DIR": str(service.runtime)}
+    (before,) = service.wait_pool_ready().values()
+    proc = subprocess.Popen([*CLI, "run", str(busybox), "sh", "-c", "echo up; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline() == b"up\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while service.client.pool(before["id"])["in_use"]:  # its VM was destroyed
+        assert time.monotonic() < deadline, "the interrupted run's VM lives on"
+        time.sleep(0.1)
+    # -it: a shell on a terminal, through the service (raw mode, size, Ctrl-C, exit status)
+    os.environ["SUPERMACHINE_RUNTIME_DIR"] = str(service.runtime)
+    try:
+        term = Terminal(home, "run", "-it", str(busybox), "sh")
+    finally:
+        del os.environ["SUPERMACHINE_RUNTIME_DIR"]
+    try:
+        term.expect(b"# ")
+        term.type(b"stty size\r")
+        term.expect(b"24 80")
+        term.type(b"sleep 30; echo not-interrupted\r")
+        time.sleep(1.0)
+        term.type(b"\x03")
+        before_prompt = term.expect(b"# ")
+        assert b"\nnot-interrupted" not in before_prompt  # (its command line is echoed)
+        term.type(b"exit 5\r")
+        assert term.wait() == 5
+    finally:
+        term.close()
+    assert service.client.pool(before["id"])["hits"] >= before["hits"] + 2

@@ -17,7 +17,7 @@ def test_host_parsers_fuzz_without_findings(tmp_path):
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     targets = json.loads(out.read_text())["targets"]
-    assert set(targets) == {"agent", "control", "manifest", "layer", "oci"}
+    assert set(targets) == {"agent", "control", "manifest", "layer", "oci", "service"}
     assert all(t["cases"] == 3000 and t["findings"] == 0 for t in targets.values())
 
 

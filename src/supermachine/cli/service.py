@@ -20,7 +20,7 @@ def add_serve(sub) -> None:
                     "SIGTERM stops every VM it owns.")
     p.add_argument("--pool", action="append", default=[], metavar="IMAGE[=N]",
                    help="keep N (default 2) VMs of IMAGE restored and warm, with `run`'s "
-                        "defaults (repeatable)")
+                        "defaults, whatever number are in use (up to 2N alive; repeatable)")
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="also serve HTTP on TCP (loopback unless HOST says otherwise); "
                         "clients then need the bearer token from the runtime directory's "

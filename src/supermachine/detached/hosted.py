@@ -55,9 +55,10 @@ class HostedVM:
         self._server: ControlServer | None = None
         self._threads = ThreadGroup("hosted")
 
-    def start(self) -> None:
-        """Start the main workload (if any) and the control socket; record "running".
-        Raises with a one-line error when the workload cannot start."""
+    def start(self, record: detached.VMRecord | None = None) -> None:
+        """Start the main workload (if any) and the control socket; record "running" (in
+        ``record``'s fields, else the directory's record). Raises with a one-line error
+        when the workload cannot start."""
         argv: list[str] = []
         if self._workload is not None:
             self._stop_signal = parse_stop_signal(self.vm.image.config.stop_signal)
@@ -77,10 +78,14 @@ class HostedVM:
                                      {StopRequest: lambda req: self.stop(req.timeout),
                                       SnapshotRequest: lambda req: self.vm.snapshot(req.name)})
         self._server.start()
-        self.d.update(status=detached.RUNNING, command=argv, started=time.time(),
-                      supervisor_pid=self._host_pid, qemu_pid=self.vm.pid,
-                      memory_mib=self.vm.memory_mib, cpus=self.vm.cpus,
-                      ports=[str(p) for p in self.vm.ports])
+        running = dict(status=detached.RUNNING, command=argv, started=time.time(),
+                       supervisor_pid=self._host_pid, qemu_pid=self.vm.pid,
+                       memory_mib=self.vm.memory_mib, cpus=self.vm.cpus,
+                       ports=[str(p) for p in self.vm.ports])
+        if record is None:
+            self.d.update(**running)
+        else:
+            self.d.write(record.replace(**running))
         if self._main is not None:
             self._threads.start(self._log_workload, name="workload-log")
 

@@ -6,6 +6,10 @@ needs; the supervisor answers with STDOUT/STDERR frames and ends with one EXIT f
 ``{"code": N, "error": "..."}``). The same frame format stores a detached VM's log file
 (STDOUT/STDERR records), so `logs` can tell the two streams apart.
 
+The service speaks it too: on its run socket (RUN with typed specs; RUNARGS with a `run`
+command line, answered STARTED first) and, as WebSocket messages, for a streaming exec.
+The framing itself is wire.py's.
+
 Frame: ``u8 kind | u32 length (little-endian) | payload``, length <= MAX_PAYLOAD. Either side
 is a different process of the same user, but a buggy or stale peer must not make the other
 allocate without bound: every length is capped and anything malformed raises ControlError.

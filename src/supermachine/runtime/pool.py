@@ -8,6 +8,10 @@ Sizing: ``size`` VMs are kept ready. With ``max_size`` above it, each acquire th
 none ready (a miss) raises the target by one, up to ``max_size`` VMs alive (ready, handed
 out and starting); after ``idle_timeout`` seconds without an acquire the target falls back
 to ``size`` and the ready VMs above it are destroyed.
+
+While other VMs are ready, a replacement's restore waits ``refill_delay`` seconds after a VM
+was handed out: a restore is CPU-heavy (under TCG ~0.4 s of a core), and the VM just handed
+out should run its first commands without it.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Pool:
 
     def __init__(self, image: Any, size: int = 2, *, max_size: int | None = None,
                  idle_timeout: float | None = None, warm: bool = True,
-                 **vm_options: Any) -> None:
+                 refill_delay: float = 0.2, **vm_options: Any) -> None:
         self._image = image if not isinstance(image, os.PathLike) else os.fspath(image)
         self._warm = warm
         self._vm_options = vm_options
@@ -78,6 +82,8 @@ class Pool:
         self._hits = self._misses = 0
         self._acquire_ms: deque[float] = deque(maxlen=ACQUIRE_WINDOW)
         self._last_acquire = time.monotonic()
+        self._last_handout = float("-inf")
+        self.refill_delay = refill_delay
         self.size = self.max_size = self._extra = 0
         self.idle_timeout: float | None = None
         self.resize(size, max_size, idle_timeout)
@@ -154,7 +160,13 @@ class Pool:
         while True:
             surplus: list[VM] = []
             with self._cond:
-                while not self._closed and not self._wanted() and not surplus:
+                while not self._closed and not surplus:
+                    if self._wanted():
+                        hold = self._hold()
+                        if hold <= 0:
+                            break
+                        self._cond.wait(hold)
+                        continue
                     self._cond.wait(self._idle_wait())
                     surplus = self._idle_check()
                 if not surplus:
@@ -185,6 +197,12 @@ class Pool:
                 self._error = None
                 self._ready.append(vm)
                 self._cond.notify_all()
+
+    def _hold(self) -> float:
+        """How much longer a restore waits (see refill_delay; under the lock)."""
+        if not self._ready:
+            return 0.0
+        return self._last_handout + self.refill_delay - time.monotonic()
 
     def _idle_wait(self) -> float | None:
         if self.idle_timeout is None or not self._extra:
@@ -225,6 +243,7 @@ class Pool:
                 self._cond.wait(remaining)
             vm = self._ready.popleft()
             self._leased.add(vm)
+            self._last_handout = time.monotonic()
             self._acquire_ms.append((time.monotonic() - t0) * 1000)
             self._cond.notify_all()
             return vm

@@ -51,7 +51,8 @@ SANDBOX_FIELDS = {"name": {"type": "string"},
                   "ttl": {"type": "number", "description": "seconds until the service "
                           "destroys it"}}
 POOL_FIELDS = {"size": {"type": "integer", "description": "VMs kept ready"},
-               "max_size": {"type": "integer", "description": "VMs alive at most"},
+               "max_size": {"type": "integer", "description": "VMs alive at most (ready, "
+                            "in use, starting; default twice size)"},
                "idle_timeout": {"type": "number", "description": "seconds without an "
                                 "acquire after which it shrinks back to size"}}
 EXEC_FIELDS = {"argv": {"type": "array", "items": {"type": "string"}},
@@ -151,6 +152,8 @@ def pool_request(body: object, *, resize: bool = False) -> PoolRequest:
             raise UsageError(f"pool: {key} must be an integer")
     if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int | float)):
         raise UsageError("pool: idle_timeout must be a number of seconds")
+    if max_size is None and not resize and isinstance(size, int) and size >= 0:
+        max_size = max(2 * size, 1)  # VMs in use do not eat into the ready ones
     return PoolRequest(None if resize else vm_spec(body, "pool"), size, max_size, idle)
 
 

@@ -157,20 +157,32 @@ class _WSFrames:
 
 
 class Client:
-    """A connection to the service (one HTTP connection per call; cheap over the socket)."""
+    """A client of the service; thread-safe. Each thread keeps one HTTP connection open
+    (keep-alive), so a call costs one request, not a connection too."""
 
     def __init__(self, target: str | None = None, *, token: str | None = None,
                  timeout: float = TIMEOUT) -> None:
+        import threading
+
         self.endpoint = Endpoint.resolve(target, token)
         self.timeout = timeout
+        self._local = threading.local()
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        self.close()
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads' go)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
 
     def _conn(self) -> http.client.HTTPConnection:
+        """A new connection (not kept: for a streamed answer)."""
         if self.endpoint.unix:
             return _UnixHTTPConnection(self.endpoint.unix, self.timeout)
         host, _, port = (self.endpoint.base or "").rpartition(":")
@@ -178,23 +190,32 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None, *,
                 raw: bytes | Any = None, headers: dict[str, str] | None = None) -> Any:
-        conn = self._conn()
-        try:
-            hdrs = {**self.endpoint.headers(), **(headers or {})}
-            data = raw
-            if body is not None:
-                data = json.dumps(body).encode()
-                hdrs["Content-Type"] = "application/json"
+        hdrs = {**self.endpoint.headers(), **(headers or {})}
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            conn = getattr(self._local, "conn", None)
+            kept = conn is not None
+            if conn is None:
+                conn = self._local.conn = self._conn()
             try:
                 conn.request(method, path, body=data, headers=hdrs)
                 resp = conn.getresponse()
                 payload = resp.read()
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                # A kept connection the service closed while idle never saw the request:
+                # send it again, once, on a new one.
+                if kept and attempt == 1 and isinstance(e, ConnectionError | BrokenPipeError):
+                    continue
                 raise VMError(f"cannot reach the service ({e}); is `supermachine serve` "
                               "running?") from None
+            if resp.will_close:
+                self.close()
             return check_answer(resp.status, payload)
-        finally:
-            conn.close()
+        raise AssertionError("unreachable")
 
     # ---- the API ------------------------------------------------------------------------
 

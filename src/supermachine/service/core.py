@@ -121,6 +121,7 @@ class Service:
         parsing, cli/run.py); without it the service takes only typed `RunRequest`s."""
         self.home = home
         self._parse_run = parse_run
+        self._notices: set[str] = set()
         self.limits = limits or Limits()
         self._lock = threading.Lock()
         self._sandboxes: dict[str, Sandbox] = {}
@@ -161,6 +162,12 @@ class Service:
                 with contextlib.suppress(Error):
                     detached.remove(detached.VMDir(self.home.vms / s.record.name))
 
+    def notice(self, message: str) -> None:
+        """A VM's notice, logged once: every restore says which accelerator it got."""
+        if message not in self._notices and len(self._notices) < 1024:
+            self._notices.add(message)
+            log.info("%s", message)
+
     # ---- pools ----------------------------------------------------------------------------
 
     def create_pool(self, spec: VMSpec, size: int, max_size: int | None = None,
@@ -175,7 +182,7 @@ class Service:
 
             entry = PoolEntry(f"pool-{secrets.token_hex(4)}", spec,
                               Pool(spec, size, max_size=max_size, idle_timeout=idle_timeout,
-                                   home=self.home))
+                                   home=self.home, on_notice=self.notice))
             self._pools[entry.id] = entry
         entry.pool.start()
         return entry
@@ -249,7 +256,7 @@ class Service:
     def _start_vm(self, spec: VMSpec, pool: PoolEntry | None) -> VM:
         if pool is not None:
             return pool.pool.acquire(timeout=ACQUIRE_TIMEOUT)
-        vm = VM(spec, home=self.home, on_notice=lambda m: log.info("%s", m))
+        vm = VM(spec, home=self.home, on_notice=self.notice)
         vm.start()
         return vm
 
@@ -278,12 +285,12 @@ class Service:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 options = {"service": True, "vm": spec.to_json(), "remove": remove,
                            "workload": workload.to_json() if workload else None}
-                d.write(detached.VMRecord(name=d.name, id=detached.new_id(),
-                                          image=spec.image, command=[], created=time.time(),
-                                          supervisor_pid=os.getpid(), options=options))
+                record = detached.VMRecord(name=d.name, id=detached.new_id(),
+                                           image=spec.image, command=[], created=time.time(),
+                                           supervisor_pid=os.getpid(), options=options)
                 vm = self._start_vm(spec, pool)
                 hosted = HostedVM(d, vm, workload, log_max_bytes=log_max_bytes)
-                hosted.start()
+                hosted.start(record)  # the first record: `ps` skips the directory till then
             except BaseException:
                 if vm is not None:
                     self._end_vm(vm, pool)

@@ -447,7 +447,7 @@ async def _serve(service: Service, directory: Path, tcp: tuple[str, int] | None,
                            handle_signals=False, access_log=None)
     try:
         for spec, size in pools:
-            service.create_pool(spec, size)
+            service.create_pool(spec, size, 2 * size)
         run_server.start()
         await runner.setup()
         sock_path = directory / "api.sock"
