@@ -146,9 +146,10 @@ class Service:
             sandboxes = list(self._sandboxes.values())
             pools = list(self._pools.values())
             self._pools.clear()
+        stopping = ThreadGroup("service-stop")  # side by side: each may take its grace
         for sb in sandboxes:
-            with contextlib.suppress(Error):
-                sb.hosted.stop(grace)
+            stopping.start(_stop_quietly, sb.hosted, grace, name=sb.name)
+        stopping.join(timeout=grace + 10)
         self._threads.join()
         for sb in sandboxes:
             self._finish(sb, remove=True)
@@ -383,3 +384,8 @@ class Service:
             finally:
                 # Destroyed off the client's path: its answer is sent already.
                 self._end_vm(vm, pool)
+
+
+def _stop_quietly(hosted: HostedVM, grace: float) -> None:
+    with contextlib.suppress(Error):
+        hosted.stop(grace)
