@@ -9,8 +9,9 @@ finding, saved under fuzz/findings/ with the target's name.
 Targets (what a hostile guest, image or client controls):
 - agent: the guest->host agent stream, through `agent.protocol.Connection.receive` after
   the host's HELLO (decoder and session state machine);
-- control: the control protocol of detached VMs and OCI containers
-  (`detached.protocol.Decoder`, `parse_json`, `parse_request`);
+- control: the control protocol of detached VMs, OCI containers and the service's run
+  socket and WebSocket execs (`detached.wire.Decoder`, `detached.protocol.parse_json`,
+  `parse_request`);
 - manifest: image indexes, manifests and configs (`images.manifest`);
 - layer: layer tars through the bounded tar reader (`images.tarsafe.open_stream`), every
   member's header and data read.
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from supermachine.agent import protocol as ap  # noqa: E402
 from supermachine.detached import protocol as cp  # noqa: E402
+from supermachine.detached import wire  # noqa: E402
 from supermachine.errors import Error  # noqa: E402
 from supermachine.images import manifest, tarsafe  # noqa: E402
 from supermachine.oci import config as oci  # noqa: E402
@@ -93,7 +95,15 @@ def control_seeds() -> list[bytes]:
             + cp.encode_request(cp.PauseRequest(True)),
             cp.encode_data(k(2), b"stdin bytes") + cp.encode_resize(24, 80)
             + cp.encode_signal(15),
-            cp.encode_json(k(1), {"a": [1, 2, {"b": None}]}) + cp.encode(k(3))]
+            cp.encode_json(k(1), {"a": [1, 2, {"b": None}]}) + cp.encode(k(3)),
+            cp.encode_request(cp.ExecRequest(("sh", "-c", "x"), ("A=1",), "/", "1:1", True,
+                                             True, (24, 80), (("nofile", 1, 2),))),
+            cp.encode_request(cp.RunArgsRequest(("-it", "img", "sh"), "/tmp", ("A=1",),
+                                                "tty", (24, 80))),
+            cp.encode_request(cp.RunRequest({"image": "img"}, {"cmd": ["true"]}, True, "n",
+                                            True, 1 << 20, None))
+            + cp.encode_request(cp.WriteRequest("/x", 0o600))
+            + cp.encode_request(cp.StopRequest(3.0))]
 
 
 def control_check(data: bytes) -> None:
@@ -242,7 +252,8 @@ def service_check(data: bytes) -> None:
 #: the parsing code whose lines count as each target's coverage (functions and classes)
 PARSERS = {
     "agent": (ap.Decoder, ap._parse, ap._text, ap.Connection.receive, ap.Connection._check),
-    "control": (cp.Decoder, cp.parse_json, cp.parse_resize, cp.parse_request),
+    "control": (wire.Decoder, cp.parse_json, cp.parse_resize, cp.parse_request, cp._winsize,
+                cp._rlimits, cp._str_list, cp._opt_str, cp._path, cp._bool),
     "manifest": (manifest.load_json, manifest._no_duplicates, manifest._depth_ok,
                  manifest._str, manifest._int, manifest._str_list, manifest._str_map,
                  manifest.parse_descriptor, manifest._check_schema, manifest.parse_index,
