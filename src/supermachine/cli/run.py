@@ -143,6 +143,19 @@ def specs(args: argparse.Namespace, *, cwd: str | None = None,
 def _check_detach_options(args: argparse.Namespace) -> None:
     if (args.name or args.log_max_size) and not args.detach:
         raise UsageError("--name and --log-max-size are for detached VMs: add -d")
+    if args.name:
+        from ..detached.state import validate_name
+
+        validate_name(args.name)
+
+
+def _log_cap(args: argparse.Namespace) -> int | None:
+    """--log-max-size in bytes, if given."""
+    if not args.log_max_size:
+        return None
+    from ..detached import logfile
+
+    return logfile.parse_size(args.log_max_size)
 
 
 def forwarded_run(req):
@@ -157,12 +170,7 @@ def forwarded_run(req):
     vm_spec, work = specs(args, cwd=req.cwd, environ=environ, stdin_piped=req.stdin == "pipe")
     if work.tty and req.stdin != "tty":
         raise UsageError("the input device is not a TTY; drop -t (use -i to pass stdin)")
-    cap = None
-    if args.log_max_size:
-        from ..detached import logfile
-
-        cap = logfile.parse_size(args.log_max_size)
-    return ForwardedRun(vm_spec, work, args.detach, args.name, args.rm, cap)
+    return ForwardedRun(vm_spec, work, args.detach, args.name, args.rm, _log_cap(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -177,13 +185,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_in_service(service, args, vm_spec, work)
     if args.detach:
         from ..detached import logfile
-        from ..detached.state import validate_name
         from ..detached.supervisor import launch
 
-        cap = logfile.parse_size(args.log_max_size) if args.log_max_size else \
-            logfile.DEFAULT_MAX_BYTES
-        print(launch(home_of(args), validate_name(args.name) if args.name else None,
-                     vm_spec, work, verbose=args.verbose or args.debug, log_max_bytes=cap,
+        print(launch(home_of(args), args.name, vm_spec, work,
+                     verbose=args.verbose or args.debug,
+                     log_max_bytes=_log_cap(args) or logfile.DEFAULT_MAX_BYTES,
                      remove=args.rm))
         return 0
     from ..runtime.vm import VM
@@ -214,23 +220,14 @@ def _run_in_service(service, args: argparse.Namespace, vm_spec, work) -> int:
     from ..detached.protocol import RunRequest, encode_request
     from ..service import runclient
 
-    cap = None
-    if args.log_max_size:
-        from ..detached import logfile
-
-        cap = logfile.parse_size(args.log_max_size)
     winsize = None
     if work.tty:
         from .. import terminal
 
         winsize = terminal.winsize(0)
-    if args.name:
-        from ..detached.state import validate_name
-
-        validate_name(args.name)
     request = encode_request(RunRequest(
         vm=vm_spec.to_json(), workload=work.to_json(), detach=args.detach, name=args.name,
-        remove=args.rm, log_max_bytes=cap, winsize=winsize))
+        remove=args.rm, log_max_bytes=_log_cap(args), winsize=winsize))
     return runclient.run_request(service.directory, request, tty=work.tty, stdin=work.stdin,
                                  detach=args.detach)
 

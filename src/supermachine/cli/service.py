@@ -60,10 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pools.append((VMSpec.create(_image_arg(image)), size))
     if not 1 <= args.max_sandboxes <= 4096:
         raise UsageError("--max-sandboxes must be from 1 to 4096")
-    limits = Limits(max_sandboxes=args.max_sandboxes)
-    if args.memory_budget:
-        limits = Limits(max_sandboxes=args.max_sandboxes,
-                        memory_budget_mib=parse_memory(args.memory_budget))
+    budget = {"memory_budget_mib": parse_memory(args.memory_budget)} \
+        if args.memory_budget else {}
+    limits = Limits(max_sandboxes=args.max_sandboxes, **budget)
     if not (args.debug or args.verbose):
         logging.getLogger("supermachine").setLevel(logging.INFO)
 
