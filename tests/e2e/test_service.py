@@ -367,14 +367,29 @@ def test_pools_over_the_api(service, busybox):
     assert pool["id"] not in [p["id"] for p in c.pools()]
 
 
+def test_sandbox_with_a_main_process(service, busybox, home):
+    sb = service.client.create(str(busybox), memory="256M", network="none", name="svc-main",
+                               cmd=["sh", "-c", "echo main $GREETING; sleep 2; exit 3"],
+                               env={"GREETING": "hi"})
+    deadline = time.monotonic() + 30
+    while b"main hi" not in run_cli(home, "logs", "svc-main").stdout:
+        assert time.monotonic() < deadline, "no output of the main process in its log"
+        time.sleep(0.1)
+    assert sb.exec(["echo", "beside"]).stdout == b"beside\n"
+    while "svc-main" in [s.name for s in service.client.sandboxes()] or \
+            (home / "vms" / "svc-main").exists():
+        assert time.monotonic() < deadline + 30, "the sandbox outlived its main process"
+        time.sleep(0.1)
+
+
 def test_ttl_destroys_the_sandbox(service, busybox, home):
     sb = service.client.create(str(busybox), memory="256M", network="none", ttl=1.5)
     assert sb.info["expires"] is not None
     deadline = time.monotonic() + 30
-    while sb.name in [s.name for s in service.client.sandboxes()]:
+    while sb.name in [s.name for s in service.client.sandboxes()] or \
+            (home / "vms" / sb.name).exists():
         assert time.monotonic() < deadline, "the TTL did not end the sandbox"
         time.sleep(0.1)
-    assert not (home / "vms" / sb.name).exists()
 
 
 def test_sigterm_drains_and_sigkill_leaves_nothing(home, busybox, tmp_path):

@@ -50,6 +50,15 @@ _STR_LISTS = ("insecure_registries", "ports", "allow_hosts", "volumes", "tmpfs")
 SANDBOX_FIELDS = {"name": {"type": "string"},
                   "ttl": {"type": "number", "description": "seconds until the service "
                           "destroys it"}}
+#: a sandbox's main process, as `run -d` has one (any of these given: the image's
+#: Entrypoint + Cmd with them applied; the sandbox ends when it exits)
+WORKLOAD_FIELDS = {
+    "cmd": {"type": "array", "items": {"type": "string"}, "description": "replaces the "
+            "image's Cmd"},
+    "entrypoint": {"type": "array", "items": {"type": "string"}},
+    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+    "workdir": {"type": "string"}, "user": {"type": "string"},
+}
 POOL_FIELDS = {"size": {"type": "integer", "description": "VMs kept ready"},
                "max_size": {"type": "integer", "description": "VMs alive at most (ready, "
                             "in use, starting; default twice size)"},
@@ -122,17 +131,44 @@ class SandboxRequest:
     spec: Any  # VMSpec
     name: str | None
     ttl: float | None
+    workload: Any = None  # WorkloadSpec of its main process, if it has one
 
 
 def sandbox_request(body: object) -> SandboxRequest:
     body = _object(body, "sandbox")
-    _known(body, {**VM_FIELDS, **SANDBOX_FIELDS}, "sandbox")
+    _known(body, {**VM_FIELDS, **SANDBOX_FIELDS, **WORKLOAD_FIELDS}, "sandbox")
     name, ttl = body.get("name"), body.get("ttl")
     if name is not None and not isinstance(name, str):
         raise UsageError("sandbox: name must be a string")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
         raise UsageError("sandbox: ttl must be a number of seconds")
-    return SandboxRequest(vm_spec(body, "sandbox"), name, ttl)
+    return SandboxRequest(vm_spec(body, "sandbox"), name, ttl, _workload(body))
+
+
+def _workload(body: dict[str, Any]):
+    """The main process a sandbox body asks for, or None."""
+    if not any(k in body for k in WORKLOAD_FIELDS):
+        return None
+    from ..spec import WorkloadSpec
+
+    for key in ("cmd", "entrypoint"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, list) or
+                                  not all(isinstance(v, str) for v in value)):
+            raise UsageError(f"sandbox: {key} must be a list of strings")
+    env = body.get("env") or {}
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+            for k, v in env.items()):
+        raise UsageError("sandbox: env must be an object of strings (names without '=')")
+    for key in ("workdir", "user"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise UsageError(f"sandbox: {key} must be a string")
+    entrypoint = body.get("entrypoint")
+    return WorkloadSpec(entrypoint=None if entrypoint is None else tuple(entrypoint),
+                        cmd=tuple(body.get("cmd") or ()),
+                        env=tuple(f"{k}={v}" for k, v in env.items()),
+                        workdir=body.get("workdir"), user=body.get("user"))
 
 
 @dataclass(frozen=True)
@@ -246,8 +282,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/version", "service and API version"),
     Route("GET", "/v1/openapi.json", "this document"),
     Route("GET", "/v1/sandboxes", "list sandboxes"),
-    Route("POST", "/v1/sandboxes", "create a sandbox (from a warm pool when one matches)",
-          body={**VM_FIELDS, **SANDBOX_FIELDS}, status=201),
+    Route("POST", "/v1/sandboxes", "create a sandbox (from a warm pool when one matches); "
+          "with cmd, entrypoint, env, workdir or user it runs that main process, as "
+          "`run -d` does, and ends with it", body={**VM_FIELDS, **SANDBOX_FIELDS,
+                                                  **WORKLOAD_FIELDS}, status=201),
     Route("GET", "/v1/sandboxes/{name}", "inspect a sandbox"),
     Route("DELETE", "/v1/sandboxes/{name}", "destroy a sandbox", status=204),
     Route("POST", "/v1/sandboxes/{name}/exec", "run a command to completion (output "

@@ -127,7 +127,8 @@ async def list_sandboxes(request: web.Request) -> web.Response:
 async def create_sandbox(request: web.Request) -> web.Response:
     req = api.sandbox_request(await _body(request))
     svc = request.app[_SERVICE]
-    sb = await _thread(lambda: svc.create(req.spec, name=req.name, ttl=req.ttl))
+    sb = await _thread(lambda: svc.create(req.spec, name=req.name, ttl=req.ttl,
+                                          workload=req.workload))
     return _json(sb.to_json(), 201)
 
 

@@ -19,7 +19,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
                     lambda children: st.lists(children, max_size=4)
                     | st.dictionaries(st.text(max_size=12), children, max_size=4),
                     max_leaves=12)
-KEYS = st.sampled_from([*api.VM_FIELDS, *api.SANDBOX_FIELDS, *api.POOL_FIELDS, "bogus"])
+KEYS = st.sampled_from([*api.VM_FIELDS, *api.SANDBOX_FIELDS, *api.WORKLOAD_FIELDS,
+                        *api.POOL_FIELDS, "bogus"])
 
 
 @settings(max_examples=400, deadline=None)
@@ -39,7 +40,14 @@ def test_sandbox_body_becomes_the_spec_run_would_make():
     req = api.sandbox_request({"image": "/img", "memory": "256M", "ports": ["8080:80"],
                                "network": "user", "name": "a", "ttl": 5})
     assert req.spec == VMSpec.create("/img", memory="256M", ports=["8080:80"])
-    assert (req.name, req.ttl) == ("a", 5)
+    assert (req.name, req.ttl, req.workload) == ("a", 5, None)
+    req = api.sandbox_request({"image": "/img", "cmd": ["sleep", "9"], "env": {"A": "1"},
+                               "workdir": "/tmp"})
+    assert (req.workload.cmd, req.workload.env, req.workload.workdir) == (
+        ("sleep", "9"), ("A=1",), "/tmp")
+    for bad in ({"cmd": "sleep 9"}, {"env": ["A=1"]}, {"workdir": "rel"}, {"user": 0}):
+        with pytest.raises(UsageError):
+            api.sandbox_request({"image": "/img", **bad})
     with pytest.raises(UsageError, match="unknown field"):
         api.sandbox_request({"image": "/img", "kernel_cmdline": "x"})
     with pytest.raises(UsageError, match="image"):
