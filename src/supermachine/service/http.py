@@ -76,12 +76,14 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
 
 @web.middleware
 async def _auth(request: web.Request, handler) -> web.StreamResponse:
-    """TCP clients must send the bearer token; the unix socket's mode is its guard."""
-    peer = request.transport.get_extra_info("sockname") if request.transport else None
-    if isinstance(peer, tuple):
+    """TCP clients must send the bearer token; the unix socket's mode is its guard. Fails
+    closed: a request not known to come over the unix socket (a unix socket's name is a
+    path) needs the token, also when its connection is already gone."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sockname, str):
         given = request.headers.get("Authorization", "")
-        expected = "Bearer " + request.app[_TOKEN]
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        token = request.app[_TOKEN]
+        if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return _error(401, "missing or wrong bearer token (see the service's token file)")
     return await handler(request)
 
