@@ -163,6 +163,8 @@ def test_sandbox_over_http_and_the_sync_client(service, busybox, home):
         assert r.stdout == b"in\n"
         assert sb.exec(["sh", "-c", "echo $X"], env={"X": "y z"}).stdout == b"y z\n"
         assert sb.exec(["nosuchcmd"]).exit_code == 127
+        r = sb.exec(["wc", "-c"], stdin=b"x" * 600_000)  # a 0.8 MB body: many reads
+        assert r.stdout.split() == [b"600000"]
         data = bytes(range(256)) * 4096  # 1 MiB, every byte value
         sb.write_file("/tmp/blob", data, mode=0o600)
         assert sb.read_file("/tmp/blob") == data

@@ -92,9 +92,11 @@ async def _body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > api.MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=api.MAX_BODY,
                                             actual_size=request.content_length)
-    data = await request.content.read(api.MAX_BODY + 1)
-    if len(data) > api.MAX_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=api.MAX_BODY, actual_size=len(data))
+    data = b""
+    while chunk := await request.content.read(api.MAX_BODY + 1 - len(data)):
+        data += chunk  # read() gives what has arrived: a big body comes in several
+        if len(data) > api.MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=api.MAX_BODY, actual_size=len(data))
     try:
         return json.loads(data or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
