@@ -266,7 +266,7 @@ PARSERS = {
     "oci": (oci.load_json, oci.parse_bundle, oci.parse_process, oci._mounts, oci._network,
             oci._annotations, oci._memory, oci._cpus, oci._tmpfs_size, oci._obj, oci._list,
             oci._text, oci._texts, oci._bool, oci._id),
-    "service": (service_api._object, service_api._known, service_api.vm_spec,
+    "service": (service_api._object, service_api.check_known, service_api.vm_spec,
                 service_api._workload,
                 service_api.sandbox_request, service_api.pool_request,
                 service_api.exec_request, service_api.port_request,

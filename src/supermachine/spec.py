@@ -26,7 +26,7 @@ import dataclasses
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -706,14 +706,19 @@ class VMSpec:
         return cls(**fields)
 
 
+def check_known(obj: dict, known: Container[str], what: str) -> None:
+    """Refuse keys of a JSON object that are not ``known``, naming a few of them quoted (a
+    hostile key with a newline must not make the one-line error two lines)."""
+    unknown = sorted(repr(str(k)[:32]) for k in obj if k not in known)
+    if unknown:
+        raise UsageError(f"{what}: unknown field(s) {', '.join(unknown[:5])}")
+
+
 def _fields(cls: type, obj: object, what: str) -> dict[str, Any]:
     """``obj``'s fields for ``cls``: a JSON object with known keys only; lists as tuples."""
     if not isinstance(obj, dict):
         raise UsageError(f"{what} must be a JSON object")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k)[:32] for k in obj if k not in known)
-    if unknown:
-        raise UsageError(f"{what}: unknown field(s) {', '.join(unknown[:5])}")
+    check_known(obj, {f.name for f in dataclasses.fields(cls)}, what)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in obj
                and f.default is dataclasses.MISSING]
     if missing:

@@ -10,11 +10,9 @@ is restored on every way out (exceptions and SIGTERM included, via ``with``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import signal
-import struct
 import termios
 import threading
 import tty
@@ -22,6 +20,9 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from .errors import Error, UsageError
+from .fdio import winsize, write_all
+
+__all__ = ["Streaming", "winsize", "require_tty", "raw_mode", "pump"]
 
 
 class Streaming(Protocol):
@@ -32,15 +33,6 @@ class Streaming(Protocol):
     def resize(self, rows: int, cols: int) -> None: ...
     def __iter__(self) -> Iterator[tuple[Any, bytes]]: ...
     def wait(self) -> Any: ...
-
-
-def winsize(fd: int) -> tuple[int, int] | None:
-    """(rows, cols) of the terminal on ``fd``, or None if it is not a terminal."""
-    try:
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
-    except OSError:
-        return None
-    return (rows, cols) if rows and cols else None
 
 
 def require_tty(fd: int = 0) -> None:
@@ -83,7 +75,7 @@ def pump(proc: Streaming, *, stdin_fd: int | None, tty_fd: int | None = None,
                           name="stdin")
             out = {2: stderr_fd}
             for stream, data in proc:
-                _write_all(out.get(int(stream), stdout_fd), data)
+                write_all(out.get(int(stream), stdout_fd), data)
             return proc.wait()
     finally:
         if old_handler is not None:
@@ -116,10 +108,3 @@ def _feed(proc: Streaming, stdin_fd: int | None, tty_fd: int | None, winch_r: in
                     watch.remove(stdin_fd)
     except (Error, OSError, ValueError):
         return  # the process ended or the connection closed: output side reports it
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]

@@ -70,6 +70,9 @@ def test_json_is_strict():
         VMSpec.from_json({"version": 99, "image": "i"})
     with pytest.raises(UsageError, match="unknown field"):
         WorkloadSpec.from_json({"argv": []})
+    with pytest.raises(UsageError, match="unknown field") as e:  # a run socket's client's
+        VMSpec.from_json({"image": "i", "x\ny": 1})
+    assert "\n" not in str(e.value)
 
 
 def test_workload_overrides_follow_docker():

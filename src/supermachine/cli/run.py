@@ -129,8 +129,11 @@ def specs(args: argparse.Namespace, *, cwd: str | None = None,
         ports=args.publish, publish_all=args.publish_all, allow_hosts=tuple(args.allow_host),
         allow_host_loopback=args.allow_host_loopback, mounts=_mounts(args, cwd),
         read_only=args.read_only, **{k: v for k, v in given.items() if v is not None})
-    piped = _stdin_piped() if stdin_piped is None else stdin_piped
-    stdin = args.interactive or (not args.tty and piped)
+    if stdin_piped is None:
+        from ..fdio import stdin_kind
+
+        stdin_piped = stdin_kind() == "pipe"
+    stdin = args.interactive or (not args.tty and stdin_piped)
     env = [item for p in args.env_file for item in _env_file(path(p), environ)]
     work = WorkloadSpec(
         entrypoint=None if args.entrypoint is None else (args.entrypoint,),
@@ -257,14 +260,6 @@ def _env_file(path: str, environ) -> tuple[str, ...]:
     except OSError as e:
         raise UsageError(f"--env-file {path}: {e.strerror}") from None
     return parse_env_file(data.decode("utf-8", "replace"), environ, f"--env-file {path}")
-
-
-def _stdin_piped() -> bool:
-    try:
-        os.fstat(0)
-    except OSError:  # fd 0 closed: nothing to pass
-        return False
-    return not os.isatty(0)
 
 
 def _image_arg(image: str, cwd: str | None = None) -> str:

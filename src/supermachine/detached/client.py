@@ -11,13 +11,12 @@ import contextlib
 import errno
 import os
 import socket
-import threading
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import UsageError, VMError
+from . import wire
 from .protocol import (
     MAX_PAYLOAD,
     ControlError,
@@ -38,7 +37,6 @@ from .protocol import (
 )
 from .state import VMDir
 
-_RECV = 1 << 16
 STDOUT, STDERR = 1, 2  # the agent's stream numbers; not imported, to keep `exec` start-up cheap
 
 
@@ -50,39 +48,11 @@ class RemoteExit:
     error: str | None = None
 
 
-class FrameSocket:
-    """Frames over one connected unix socket; send() is safe from several threads."""
+class FrameSocket(wire.FrameSocket):
+    """wire.FrameSocket whose frames carry protocol `Kind`s."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._decoder = Decoder()
-        self._frames: deque[Frame] = deque()
-        self._send_lock = threading.Lock()
-
-    def send(self, data: bytes) -> None:
-        with self._send_lock:
-            self.sock.sendall(data)
-
-    def recv(self) -> Frame | None:
-        """Next frame, or None when the peer closed the connection between frames."""
-        while not self._frames:
-            data = self.sock.recv(_RECV)
-            if not data:
-                if self._decoder.pending:
-                    raise ControlError("the connection was cut off in the middle of a frame")
-                return None
-            self._frames.extend(self._decoder.feed(data))
-        return self._frames.popleft()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
-    def release(self) -> None:
-        """Close this process's descriptor only: a forked child that shares the connection
-        keeps it working (close() would shut it down for both)."""
-        self.sock.close()
+        super().__init__(sock, Decoder())
 
 
 def socket_path(dirfd: int, name: str = "sock") -> str:
@@ -90,23 +60,16 @@ def socket_path(dirfd: int, name: str = "sock") -> str:
 
 
 def connect(d: VMDir) -> FrameSocket:
-    if not d.path.is_dir():
-        raise VMError(f"no such VM: {d.name}")
     try:
-        return connect_socket(d.path, "sock")
-    except OSError:
-        raise VMError(f"VM {d.name} is not running; see `supermachine ps -a`") from None
-
-
-def connect_socket(directory: os.PathLike[str] | str, name: str) -> FrameSocket:
-    """A connection to the control socket ``name`` in ``directory`` (raises OSError)."""
-    dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        dirfd = os.open(d.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VMError(f"no such VM: {d.name}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(socket_path(dirfd, name))
-    except OSError:
+        sock.connect(socket_path(dirfd))
+    except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
-        raise
+        raise VMError(f"VM {d.name} is not running; see `supermachine ps -a`") from None
     finally:
         os.close(dirfd)
     return FrameSocket(sock)

@@ -8,6 +8,7 @@ speak it without protocol.py's imports (enum, dataclasses: tens of milliseconds 
 from __future__ import annotations
 
 import struct
+import threading
 
 from ..errors import VMError
 
@@ -71,3 +72,49 @@ class Decoder:
     def pending(self) -> int:
         """Bytes of an incomplete frame (non-zero at EOF means the peer was cut off)."""
         return len(self._buf)
+
+
+class FrameSocket:
+    """Frames over one connected unix socket (a `socket.socket`, or the C module's
+    `_socket.socket` on the quickest path); send() is safe from several threads."""
+
+    RECV = 1 << 16
+
+    def __init__(self, sock, decoder: Decoder | None = None) -> None:
+        self.sock = sock
+        self._decoder = decoder or Decoder()
+        self._frames: list[Frame] = []
+        self._send_lock = threading.Lock()
+
+    def send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def recv(self) -> Frame | None:
+        """Next frame, or None when the peer closed the connection between frames."""
+        while not self._frames:
+            data = self.sock.recv(self.RECV)
+            if not data:
+                if self._decoder.pending:
+                    raise ControlError("the connection was cut off in the middle of a frame")
+                return None
+            self._frames.extend(self._decoder.feed(data))
+        return self._frames.pop(0)
+
+    def shutdown(self) -> bool:
+        """Cut the connection both ways (safe in a signal handler); False if it was not
+        connected any more."""
+        try:
+            self.sock.shutdown(2)  # SHUT_RDWR
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.shutdown()
+        self.sock.close()
+
+    def release(self) -> None:
+        """Close this process's descriptor only: a forked child that shares the connection
+        keeps it working (close() would shut it down for both)."""
+        self.sock.close()

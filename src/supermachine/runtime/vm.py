@@ -25,6 +25,7 @@ from typing import Any
 from ..agent.client import AgentClient, ExecResult, ExitStatus, Process
 from ..agent.protocol import Stream
 from ..errors import AgentError, Error, MountError, SnapshotError, UsageError, VMError
+from ..fdio import write_all
 from ..home import Home
 from ..spec import VMSpec, WorkloadSpec, env_items, random_machine_id
 from . import bake as bake_mod
@@ -475,18 +476,11 @@ class VM:
                 threads.start(_pump_stdin, stdin_fd, proc, stop, name="stdin")
             out = {Stream.STDOUT: stdout_fd, Stream.STDERR: stderr_fd}
             for stream, data in proc:
-                _write_all(out.get(stream, stdout_fd), data)
+                write_all(out.get(stream, stdout_fd), data)
             status = proc.wait()
         if status.error:
-            _write_all(stderr_fd, f"supermachine: {status.error}\n".encode())
+            write_all(stderr_fd, f"supermachine: {status.error}\n".encode())
         return status.exit_code
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _pump_stdin(fd: int, proc: Process, stop: Any) -> None:

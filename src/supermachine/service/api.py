@@ -92,10 +92,10 @@ def _object(body: object, what: str) -> dict[str, Any]:
     return body
 
 
-def _known(body: dict[str, Any], allowed: dict[str, Any], what: str) -> None:
-    unknown = sorted(repr(str(k)[:32]) for k in body if k not in allowed)
-    if unknown:
-        raise UsageError(f"{what}: unknown field(s) {', '.join(unknown[:5])}")
+def check_known(body: dict[str, Any], allowed: dict[str, Any], what: str) -> None:
+    from ..spec import check_known as check  # spec.py's rule; imported when a body comes
+
+    check(body, allowed, what)
 
 
 def vm_spec(body: dict[str, Any], what: str):
@@ -136,7 +136,7 @@ class SandboxRequest:
 
 def sandbox_request(body: object) -> SandboxRequest:
     body = _object(body, "sandbox")
-    _known(body, {**VM_FIELDS, **SANDBOX_FIELDS, **WORKLOAD_FIELDS}, "sandbox")
+    check_known(body, {**VM_FIELDS, **SANDBOX_FIELDS, **WORKLOAD_FIELDS}, "sandbox")
     name, ttl = body.get("name"), body.get("ttl")
     if name is not None and not isinstance(name, str):
         raise UsageError("sandbox: name must be a string")
@@ -181,7 +181,7 @@ class PoolRequest:
 
 def pool_request(body: object, *, resize: bool = False) -> PoolRequest:
     body = _object(body, "pool")
-    _known(body, POOL_FIELDS if resize else {**VM_FIELDS, **POOL_FIELDS}, "pool")
+    check_known(body, POOL_FIELDS if resize else {**VM_FIELDS, **POOL_FIELDS}, "pool")
     size, max_size, idle = body.get("size", 1), body.get("max_size"), body.get("idle_timeout")
     for key, value in (("size", size), ("max_size", max_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -205,7 +205,7 @@ class ExecCall:
 
 def exec_request(body: object) -> ExecCall:
     body = _object(body, "exec")
-    _known(body, EXEC_FIELDS, "exec")
+    check_known(body, EXEC_FIELDS, "exec")
     argv = body.get("argv")
     if not isinstance(argv, list) or not argv or len(argv) > 4096 or \
             not all(isinstance(a, str) and "\0" not in a for a in argv):
@@ -242,7 +242,7 @@ def exec_result(code: int, stdout: bytes, stderr: bytes, error: str | None) -> d
 
 def port_request(body: object) -> tuple[int, int, str, str]:
     body = _object(body, "port")
-    _known(body, PORT_FIELDS, "port")
+    check_known(body, PORT_FIELDS, "port")
     guest, host = body.get("guest_port"), body.get("host_port", 0)
     ip, proto = body.get("host_ip", "127.0.0.1"), body.get("proto", "tcp")
     for key, value in (("guest_port", guest), ("host_port", host)):
@@ -256,7 +256,7 @@ def port_request(body: object) -> tuple[int, int, str, str]:
 
 def snapshot_request(body: object) -> str:
     body = _object(body, "snapshot")
-    _known(body, {"name": None}, "snapshot")
+    check_known(body, {"name": None}, "snapshot")
     name = body.get("name")
     if not isinstance(name, str):
         raise UsageError("snapshot: name must be a string")

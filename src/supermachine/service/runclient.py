@@ -16,44 +16,22 @@ import os
 import sys
 
 from ..detached import wire
+from ..fdio import stdin_kind, winsize, write_all
 
 #: run's options that mean the CLI answers in-process (help is the parser's own)
 _LOCAL = ("--no-service", "-h", "--help")
-_RECV = 1 << 16
 
 
-class _Conn:
-    """Frames over one connected unix socket (the subset of FrameSocket this needs)."""
-
-    def __init__(self, sock) -> None:
-        self.sock = sock
-        self._decoder = wire.Decoder()
-        self._frames: list = []
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv(self):
-        while not self._frames:
-            try:
-                data = self.sock.recv(_RECV)
-            except OSError:
-                data = b""
-            if not data:
-                return None
-            self._frames.extend(self._decoder.feed(data))
-        return self._frames.pop(0)
-
-    def close(self) -> None:
-        self.sock.close()
-
+class _Conn(wire.FrameSocket):
     def kill_now(self) -> bool:
         """For INTERRUPTS: cut the connection; the service ends the workload and its VM."""
+        return self.shutdown()
+
+    def recv(self):
         try:
-            self.sock.shutdown(2)  # SHUT_RDWR
-        except OSError:
-            return False
-        return True
+            return super().recv()
+        except OSError:  # cut (Ctrl-C): as if the service had gone
+            return None
 
 
 def connect(directory: str):
@@ -88,10 +66,10 @@ def try_forward(argv: list[str]) -> int | None:
     service = address.find(home_root())
     if service is None:
         return None
-    stdin = _stdin_kind()
+    stdin = stdin_kind()
     env = [f"{k}={v}" for k, v in os.environ.items()]
     request = {"op": "runargs", "argv": argv, "cwd": os.getcwd(), "env": env, "stdin": stdin,
-               "winsize": _winsize() if stdin == "tty" else None}
+               "winsize": winsize(0) if stdin == "tty" else None}
     payload = json.dumps(request, separators=(",", ":")).encode()
     if len(payload) > wire.MAX_PAYLOAD:
         return None  # an enormous environment: the in-process path has no such limit
@@ -152,7 +130,7 @@ def _relay(conn: _Conn, how: tuple[bool, bool, bool] | None) -> int:
     while frame is not None:
         if frame.kind == wire.EXIT:
             return _exit(_json(frame))
-        _write_all(2 if frame.kind == wire.STDERR else 1, frame.payload)
+        write_all(2 if frame.kind == wire.STDERR else 1, frame.payload)
         frame = conn.recv()
     if INTERRUPTS.exit_code is not None:
         return INTERRUPTS.exit_code
@@ -203,25 +181,3 @@ def _exit(obj: dict, detached: bool = False) -> int:
     if isinstance(error, str) and error:
         print(f"supermachine: {error}", file=sys.stderr)
     return code if isinstance(code, int) and 0 <= code <= 255 else 125
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _stdin_kind() -> str:
-    try:
-        os.fstat(0)
-    except OSError:
-        return "none"
-    return "tty" if os.isatty(0) else "pipe"
-
-
-def _winsize() -> list[int] | None:
-    try:
-        size = os.get_terminal_size(0)
-    except OSError:
-        return None
-    return [size.lines, size.columns]
