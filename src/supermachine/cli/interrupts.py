@@ -15,12 +15,12 @@ the process at once: QEMU and passt die with it (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import _signal  # not `signal`: that imports enum (4 ms), a window in which Ctrl-C is not ours
 import contextlib
 import os
-import signal
 from collections.abc import Iterator
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 FORCE_AFTER = 3
 
 
@@ -33,7 +33,7 @@ class Interrupts:
 
     def install(self) -> None:
         for sig in SIGNALS:
-            signal.signal(sig, self._handle)
+            _signal.signal(sig, self._handle)
 
     @contextlib.contextmanager
     def guarding(self, target) -> Iterator[None]:
