@@ -40,7 +40,7 @@ def commands() -> dict[str, Callable[[], float]]:
         try:
             t = common.run_timed([common.CLI, "ps"], env={"SUPERMACHINE_HOME": root})
             if t.stdout.decode().split() != ["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS",
-                                             "PORTS"]:
+                                             "PORTS", "MOUNTS"]:
                 raise RuntimeError(f"ps in an empty home printed {t.stdout!r}")
             return t.seconds
         finally:

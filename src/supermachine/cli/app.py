@@ -11,12 +11,29 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import Error, UsageError
-from . import images, kernel, run, service, snapshots, vms, volumes
 from .common import PROG
 from .interrupts import INTERRUPTS
 
-# the command groups, in the order `--help` lists their commands
-GROUPS = (run, images, vms, snapshots, volumes, service, kernel)
+#: every command and the module (command group) that adds it, in the order `--help` lists
+#: them: a command imports its own group only (each group's COMMANDS says the same, tested)
+COMMANDS = {
+    "run": "run",
+    "pull": "images", "images": "images", "rmi": "images", "prune": "images",
+    "login": "images", "logout": "images",
+    "exec": "vms", "cp": "vms", "ps": "vms", "logs": "vms", "stop": "vms", "rm": "vms",
+    "inspect": "vms",
+    "snapshot": "snapshots", "snapshots": "snapshots",
+    "volume": "volumes",
+    "serve": "service",
+    "kernel": "kernel",
+}
+
+
+def group(name: str):
+    """The command group module ``name`` (images, vms, ...), imported now."""
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def _help_width() -> int:
@@ -94,7 +111,7 @@ def command_named(argv: Sequence[str]) -> str | None:
         elif arg.startswith("-"):
             return None
         else:
-            return arg if any(arg in g.COMMANDS for g in GROUPS) else None
+            return arg if arg in COMMANDS else None
     return None
 
 
@@ -115,10 +132,9 @@ def build_parser(command: str | None = None,
                         help="state and cache directory (default: $SUPERMACHINE_HOME or "
                              "~/.cache/supermachine)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in GROUPS:
-        for name, add in group.COMMANDS.items():
-            if command is None or name == command:
-                add(sub)
+    for name, module in COMMANDS.items():
+        if command is None or name == command:
+            group(module).COMMANDS[name](sub)
     return parser
 
 

@@ -18,6 +18,14 @@ def home_of(args: argparse.Namespace):
     return Home(Path(os.path.abspath(args.home))) if args.home else Home.default()
 
 
+def vms_of(args: argparse.Namespace) -> str:
+    """The detached VMs' directory (``Home.vms``) as a string, without building a Home:
+    `ps`, `exec`, `stop` and the rest then never import pathlib."""
+    from ..locations import home_root
+
+    return os.path.join(os.path.abspath(args.home) if args.home else home_root(), "vms")
+
+
 def notice(message: str) -> None:
     """One-line notices to the user (e.g. which accelerator), on stderr."""
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)

@@ -16,9 +16,7 @@ the process at once: QEMU and passt die with it (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import _signal  # not `signal`: that imports enum (4 ms), a window in which Ctrl-C is not ours
-import contextlib
 import os
-from collections.abc import Iterator
 
 SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 FORCE_AFTER = 3
@@ -35,14 +33,9 @@ class Interrupts:
         for sig in SIGNALS:
             _signal.signal(sig, self._handle)
 
-    @contextlib.contextmanager
-    def guarding(self, target) -> Iterator[None]:
+    def guarding(self, target) -> _Guarding:
         """While inside, a signal kills ``target``'s machines instead of raising."""
-        self._guarded = target
-        try:
-            yield
-        finally:
-            self._guarded = None
+        return _Guarding(self, target)
 
     @property
     def exit_code(self) -> int | None:
@@ -60,6 +53,20 @@ class Interrupts:
         if self._count == 1 and not target.kill_now():
             raise SystemExit(128 + signum)  # no machine yet: nothing is held, unwind now
         # A later signal while the first one's teardown runs: let it finish.
+
+
+class _Guarding:
+    """``with INTERRUPTS.guarding(vm):`` (a class, not contextlib: every command imports
+    this module first, and contextlib is 1 ms of `ps`)."""
+
+    def __init__(self, interrupts: Interrupts, target) -> None:
+        self._interrupts, self._target = interrupts, target
+
+    def __enter__(self) -> None:
+        self._interrupts._guarded = self._target
+
+    def __exit__(self, *exc: object) -> None:
+        self._interrupts._guarded = None
 
 
 #: this process's handling (the CLI installs it in main())

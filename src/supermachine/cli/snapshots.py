@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from .common import home_of, print_table
+from .common import home_of, print_table, vms_of
 
 
 def add_snapshot(sub) -> None:
@@ -32,7 +32,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     from ..detached import client, state
     from ..runtime.snapshot import check_name
 
-    d = state.find(home_of(args), args.vm)
+    d = state.find(vms_of(args), args.vm)
     client.request_snapshot(d, check_name(args.name))
     print(args.name)
     return 0

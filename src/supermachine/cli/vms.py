@@ -4,12 +4,11 @@ exec, cp, ps, logs, stop, rm, inspect. The work is detached/client.py's."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
 from ..errors import UsageError, VMError
-from .common import PROG, home_of, print_table, report_exit
+from .common import PROG, print_table, report_exit, vms_of
 
 
 def add_exec(sub) -> None:
@@ -82,12 +81,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError("exec needs a command after the VM name")
     if args.tty:
         terminal.require_tty(0)
-    d = state.find(home_of(args), args.vm)
+    d = state.find(vms_of(args), args.vm)
     if not d.state_now().running:
         raise VMError(f"VM {d.name} is not running; start a new one with `supermachine run -d`")
     req = ExecRequest(argv=tuple(args.cmd), env=env_items(args.env, os.environ),
                       cwd=args.workdir, user=args.user, stdin=args.interactive, tty=args.tty,
                       winsize=terminal.winsize(0) if args.tty else None)
+    import contextlib  # here, not at the top: 1 ms of `ps`
+
     with client.exec_in(d, req) as proc:
         raw = terminal.raw_mode(0) if args.tty and args.interactive else \
             contextlib.nullcontext()
@@ -114,13 +115,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
     dst_vm, dst = split_vm_path(args.dst)
     if (src_vm is None) == (dst_vm is None):
         raise UsageError("cp copies between here and a VM: give VM:PATH as exactly one side")
-    home = home_of(args)
+    vms = vms_of(args)
     if dst_vm is not None:  # host -> VM
-        d = state.find(home, dst_vm)
+        d = state.find(vms, dst_vm)
         _need_running(d)
         client.copy_in(d, src, _guest_abs(dst))
         return 0
-    d = state.find(home, src_vm)  # VM -> host
+    d = state.find(vms, src_vm)  # VM -> host
     _need_running(d)
     if dst == "-":
         client.read_file_to(d, _guest_abs(src), sys.stdout.buffer)
@@ -147,7 +148,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     from ..detached import state
 
     now = time.time()
-    states = [s for s in state.list_states(home_of(args)) if args.all or s.running]
+    states = [s for s in state.list_states(vms_of(args)) if args.all or s.running]
     if args.quiet:
         for s in states:
             print(s.record.name)
@@ -182,13 +183,14 @@ def _mounts_text(options: dict) -> str:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    import contextlib
     import time
 
     from ..detached import state
     from ..detached.logfile import rotated
     from ..detached.protocol import Decoder, Kind
 
-    d = state.find(home_of(args), args.vm)
+    d = state.find(vms_of(args), args.vm)
     out = {Kind.STDOUT: sys.stdout.buffer, Kind.STDERR: sys.stderr.buffer}
 
     def emit(decoder: Decoder, chunk: bytes) -> None:
@@ -243,9 +245,9 @@ def _replaced(path, f) -> bool:
 def cmd_stop(args: argparse.Namespace) -> int:
     from ..detached import client, state
 
-    home = home_of(args)
+    vms = vms_of(args)
     for name in args.vms:
-        client.stop(state.find(home, name), args.time)
+        client.stop(state.find(vms, name), args.time)
         print(name)
     return 0
 
@@ -253,11 +255,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from ..detached import client, state
 
-    home = home_of(args)
+    vms = vms_of(args)
     failed = 0
     for name in args.vms:
         try:
-            d = state.find(home, name)
+            d = state.find(vms, name)
             if d.alive():
                 if not args.force:
                     raise VMError(f"VM {name} is running; stop it first or use `rm -f`")
@@ -279,10 +281,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     def iso(t: float | None) -> str | None:
         return datetime.fromtimestamp(t, UTC).isoformat() if t else None
 
-    home = home_of(args)
+    vms = vms_of(args)
     out = []
     for name in args.vms:
-        s = state.find(home, name).state_now()
+        s = state.find(vms, name).state_now()
         r = s.record
         info = r.as_dict()
         info.update(created=iso(r.created), started=iso(r.started), finished=iso(r.finished))

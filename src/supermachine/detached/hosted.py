@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import Error, VMError
@@ -74,7 +75,7 @@ class HostedVM:
                 err = VMError(f"cannot start {argv[0]}: {status.error}")
                 err.exit_code = status.exit_code
                 raise err
-        self._server = ControlServer(self.vm, self.d.path,
+        self._server = ControlServer(self.vm, Path(self.d.path),
                                      {StopRequest: lambda req: self.stop(req.timeout),
                                       SnapshotRequest: lambda req: self.vm.snapshot(req.name)})
         self._server.start()

@@ -14,17 +14,19 @@ says "running", but its lock is free, so it is reported dead and can be removed.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from ..errors import UsageError, VMError
-from ..home import Home, atomic_write_bytes, lock_held
+from ..locations import lock_held
+
+# Paths here are strings under the ``vms`` directory (``Home.vms``), with no pathlib (nor
+# home.py, which builds on it): `ps` and the other commands on detached VMs import this
+# module, and pathlib (urllib.parse, ipaddress, fnmatch) was a quarter of `ps`'s start-up.
 
 NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}\Z")
 MAX_STATE = 1 << 20  # state.json is ours, but a corrupt one must not be read unbounded
@@ -147,17 +149,17 @@ class VMState:
 
 
 class VMDir:
-    """Paths of one detached VM's state directory."""
+    """Paths of one detached VM's state directory (strings)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.name = path.name
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.name = os.path.basename(self.path)
 
-    state = property(lambda self: self.path / "state.json")
-    lock = property(lambda self: self.path / "lock")
-    sock = property(lambda self: self.path / "sock")
-    log = property(lambda self: self.path / "log")
-    supervisor_log = property(lambda self: self.path / "supervisor.log")
+    state = property(lambda self: os.path.join(self.path, "state.json"))
+    lock = property(lambda self: os.path.join(self.path, "lock"))
+    sock = property(lambda self: os.path.join(self.path, "sock"))
+    log = property(lambda self: os.path.join(self.path, "log"))
+    supervisor_log = property(lambda self: os.path.join(self.path, "supervisor.log"))
 
     def read(self) -> VMRecord:
         try:
@@ -175,7 +177,11 @@ class VMDir:
                           f"`supermachine rm {self.name}`") from None
 
     def write(self, record: VMRecord) -> None:
-        atomic_write_bytes(self.state, record.to_json(), mode=0o600)
+        from pathlib import Path  # writers boot VMs: pathlib is loaded there anyway
+
+        from ..home import atomic_write_bytes
+
+        atomic_write_bytes(Path(self.state), record.to_json(), mode=0o600)
 
     def update(self, **changes: object) -> VMRecord:
         record = self.read().replace(**changes)
@@ -197,16 +203,17 @@ def validate_name(name: str) -> str:
     return name
 
 
-def vm_dir(home: Home, name: str) -> VMDir:
-    return VMDir(home.vms / validate_name(name))
+def vm_dir(vms: str | os.PathLike[str], name: str) -> VMDir:
+    """The VM ``name``'s directory under ``vms`` (``Home.vms``)."""
+    return VMDir(os.path.join(vms, validate_name(name)))
 
 
-def create(home: Home, name: str | None) -> VMDir:
+def create(vms: str | os.PathLike[str], name: str | None) -> VMDir:
     """Reserve a name (given or generated): its directory is created exclusively."""
     if name is not None:
-        d = vm_dir(home, name)
+        d = vm_dir(vms, name)
         try:
-            d.path.mkdir(mode=0o700)
+            os.mkdir(d.path, 0o700)
         except FileExistsError:
             raise VMError(f"the name {name!r} is already in use by a VM; remove it with "
                           f"`supermachine rm {name}` or choose another --name") from None
@@ -217,10 +224,12 @@ def create(home: Home, name: str | None) -> VMDir:
         candidate = f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}"
         if attempt >= 20:
             candidate += f"_{secrets.token_hex(2)}"
-        d = vm_dir(home, candidate)
-        with contextlib.suppress(FileExistsError):
-            d.path.mkdir(mode=0o700)
-            return d
+        d = vm_dir(vms, candidate)
+        try:
+            os.mkdir(d.path, 0o700)
+        except FileExistsError:
+            continue
+        return d
     raise VMError("cannot find a free VM name; give one with --name")
 
 
@@ -230,32 +239,39 @@ def new_id() -> str:
     return secrets.token_hex(32)
 
 
-def find(home: Home, name_or_id: str) -> VMDir:
+def find(vms: str | os.PathLike[str], name_or_id: str) -> VMDir:
     """A VM by name, or by a unique prefix of its id (as docker accepts)."""
-    if NAME_RE.match(name_or_id) and (home.vms / name_or_id).is_dir():
-        return VMDir(home.vms / name_or_id)
+    if NAME_RE.match(name_or_id) and os.path.isdir(os.path.join(vms, name_or_id)):
+        return VMDir(os.path.join(vms, name_or_id))
     if re.fullmatch(r"[0-9a-f]{4,64}", name_or_id):
-        matches = [s.record.name for s in list_states(home)
+        matches = [s.record.name for s in list_states(vms)
                    if s.record.id.startswith(name_or_id)]
         if len(matches) == 1:
-            return VMDir(home.vms / matches[0])
+            return VMDir(os.path.join(vms, matches[0]))
         if len(matches) > 1:
             raise VMError(f"{name_or_id!r} matches several VMs; use a name")
     raise VMError(f"no such VM: {name_or_id} (see `supermachine ps -a`)")
 
 
-def iter_dirs(home: Home) -> Iterator[VMDir]:
-    for entry in sorted(home.vms.iterdir()):
+def iter_dirs(vms: str | os.PathLike[str]) -> Iterator[VMDir]:
+    """Every VM directory under ``vms``, by name (none when ``vms`` does not exist yet)."""
+    try:
+        entries = sorted(os.scandir(vms), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for entry in entries:
         if entry.is_dir() and NAME_RE.match(entry.name):
-            yield VMDir(entry)
+            yield VMDir(entry.path)
 
 
-def list_states(home: Home) -> list[VMState]:
+def list_states(vms: str | os.PathLike[str]) -> list[VMState]:
     """Every VM with a readable record, newest first; half-created ones are skipped."""
     states = []
-    for d in iter_dirs(home):
-        with contextlib.suppress(VMError):
+    for d in iter_dirs(vms):
+        try:
             states.append(d.state_now())
+        except VMError:
+            continue
     states.sort(key=lambda s: s.record.created, reverse=True)
     return states
 

@@ -52,7 +52,7 @@ def launch(home: Home, name: str | None, spec: VMSpec, workload: WorkloadSpec, *
     ``remove``: the VM's directory (record, log) goes when it exits (`run --rm -d`)."""
     options = {"vm": spec.to_json(), "workload": workload.to_json(), "verbose": verbose,
                "log_max_bytes": log_max_bytes, "remove": remove}
-    d = detached.create(home, name)
+    d = detached.create(home.vms, name)
     try:
         lock_fd = os.open(d.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
@@ -168,7 +168,7 @@ class Supervisor:
         if spec.hostname is None:
             spec = spec.replace(hostname=self._record.name[:64])  # docker names the host too
         workload = WorkloadSpec.from_json(o.get("workload"))
-        self.vm = VM(spec, home=self.d.path.parent.parent, verbose=bool(o.get("verbose")),
+        self.vm = VM(spec, home=Path(self.d.path).parent.parent, verbose=bool(o.get("verbose")),
                      on_notice=lambda m: log.info("%s", m))
         self.vm.start()
         cap = o.get("log_max_bytes")

@@ -158,7 +158,7 @@ class Service:
 
     def _remove_orphans(self) -> None:
         """Records of sandboxes a killed service left behind (their QEMU died with it)."""
-        for s in detached.list_states(self.home):
+        for s in detached.list_states(self.home.vms):
             if not s.alive and s.record.options.get("service") is True:
                 with contextlib.suppress(Error):
                     detached.remove(detached.VMDir(self.home.vms / s.record.name))
@@ -278,7 +278,7 @@ class Service:
         if name is not None:
             detached.validate_name(name)
         with self._reservation(spec) as pool:
-            d = detached.create(self.home, name)
+            d = detached.create(self.home.vms, name)
             lock_fd = -1
             vm = None
             try:

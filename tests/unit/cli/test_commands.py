@@ -60,7 +60,7 @@ def test_ps_and_inspect_on_an_empty_home(capsys, tmp_path):
                                                "PORTS", "MOUNTS"]
     assert app.main(["--home", str(tmp_path), "inspect", "nope"]) != 0
     assert "no such VM" in capsys.readouterr().err
-    assert os.listdir(tmp_path / "vms") == []
+    assert os.listdir(tmp_path) == []  # reading commands create nothing
 
 
 def test_ps_and_inspect_show_a_record(capsys, tmp_path):
@@ -69,7 +69,7 @@ def test_ps_and_inspect_show_a_record(capsys, tmp_path):
     from supermachine.detached import state
     from supermachine.home import Home
 
-    d = state.create(Home(tmp_path), "rec")
+    d = state.create(Home(tmp_path).vms, "rec")
     d.write(state.VMRecord(name="rec", id="ab" * 32, image="busybox", command=["sh", "-c", "x"],
                            created=1.0e9, status=state.EXITED, exit_code=3,
                            ports=["127.0.0.1:8080->80/tcp"]))

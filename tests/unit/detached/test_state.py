@@ -3,10 +3,12 @@ with real files and real processes holding the lock."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -50,16 +52,16 @@ def test_invalid_names(name):
 
 
 def test_names_are_unique_and_generated(home):
-    d = detached.create(home, "web")
-    assert d.path.is_dir() and (d.path.stat().st_mode & 0o777) == 0o700
+    d = detached.create(home.vms, "web")
+    assert os.path.isdir(d.path) and (os.stat(d.path).st_mode & 0o777) == 0o700
     with pytest.raises(VMError, match="already in use"):
-        detached.create(home, "web")
-    generated = {detached.create(home, None).name for _ in range(5)}
+        detached.create(home.vms, "web")
+    generated = {detached.create(home.vms, None).name for _ in range(5)}
     assert len(generated) == 5 and all(detached.NAME_RE.match(n) for n in generated)
 
 
 def test_liveness_follows_the_lock_holder(home):
-    d = detached.create(home, "vm")
+    d = detached.create(home.vms, "vm")
     _record(d, status=detached.RUNNING)
     assert d.state_now().status == detached.DEAD  # running on paper, nobody holds the lock
     holder = _hold_lock(d)
@@ -73,30 +75,30 @@ def test_liveness_follows_the_lock_holder(home):
         holder.wait()
     assert d.state_now().status == detached.DEAD  # SIGKILLed holder: seen as dead
     detached.remove(d)
-    assert not d.path.exists()
+    assert not os.path.exists(d.path)
     with pytest.raises(VMError, match="no such VM"):
-        detached.find(home, "vm")
+        detached.find(home.vms, "vm")
 
 
 def test_find_by_name_or_id_prefix_and_listing(home):
-    a = detached.create(home, "a")
+    a = detached.create(home.vms, "a")
     ra = _record(a, status=detached.EXITED, exit_code=7, finished=time.time())
-    b = detached.create(home, "b")
+    b = detached.create(home.vms, "b")
     _record(b)
-    detached.create(home, "half-created")  # no state.json yet: not listed
-    assert detached.find(home, "a").name == "a"
-    assert detached.find(home, ra.id[:12]).name == "a"
-    assert [s.record.name for s in detached.list_states(home)] == ["b", "a"]
+    detached.create(home.vms, "half-created")  # no state.json yet: not listed
+    assert detached.find(home.vms, "a").name == "a"
+    assert detached.find(home.vms, ra.id[:12]).name == "a"
+    assert [s.record.name for s in detached.list_states(home.vms)] == ["b", "a"]
     with pytest.raises(VMError, match="no such VM"):
-        detached.find(home, "nope")
+        detached.find(home.vms, "nope")
 
 
 def test_corrupt_state_is_an_error_not_a_crash(home):
-    d = detached.create(home, "bad")
-    d.state.write_bytes(b"{not json")
+    d = detached.create(home.vms, "bad")
+    Path(d.state).write_bytes(b"{not json")
     with pytest.raises(VMError, match="corrupt"):
         d.read()
-    assert detached.list_states(home) == []
+    assert detached.list_states(home.vms) == []
     detached.remove(d)
 
 
@@ -129,7 +131,7 @@ def test_stop_signal(text, signo):
 
 
 def test_record_round_trips_and_stays_immutable(home):
-    d = detached.create(home, "rec")
+    d = detached.create(home.vms, "rec")
     r = _record(d, ports=["127.0.0.1:8080->80/tcp"])
     assert d.read() == r
     assert r.status == detached.STARTING and r.options == {} and r.exit_code is None
@@ -151,7 +153,7 @@ def test_record_refuses_unknown_or_missing_fields():
 
 
 def test_unknown_fields_in_state_json_are_ignored(home):
-    d = detached.create(home, "newer")
+    d = detached.create(home.vms, "newer")
     r = _record(d)
-    d.state.write_bytes(r.to_json()[:-1] + b', "from_a_newer_version": 1}')
+    Path(d.state).write_bytes(r.to_json()[:-1] + b', "from_a_newer_version": 1}')
     assert d.read() == r
