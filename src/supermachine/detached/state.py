@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 from ..errors import UsageError, VMError
 from ..locations import lock_held
+from ..record import Record
 
 # Paths here are strings under the ``vms`` directory (``Home.vms``), with no pathlib (nor
 # home.py, which builds on it): `ps` and the other commands on detached VMs import this
@@ -39,13 +40,19 @@ _NOUNS = ("ada", "babbage", "curie", "darwin", "euler", "fermi", "gauss", "hoppe
           "lovelace", "noether", "pascal", "ritchie", "shannon", "turing", "wozniak")
 
 
-class VMRecord:
-    """A detached VM's record, as state.json holds it: keyword arguments, defaults below,
-    immutable (a changed copy comes from ``replace``).
+class VMRecord(Record):
+    """A detached VM's record, as state.json holds it: immutable (a changed copy comes from
+    ``replace``)."""
 
-    A plain class rather than a frozen dataclass: `ps` reads these, and importing
-    dataclasses (inspect, ast, dis, tokenize) would be most of its start-up.
-    """
+    #: every field, in state.json's order; a field without a default must be given
+    __slots__ = FIELDS = ("name", "id", "image", "command", "created", "status",
+                          "supervisor_pid", "qemu_pid", "started", "finished", "exit_code",
+                          "error", "memory_mib", "cpus", "ports", "options")
+    DEFAULTS = {"status": STARTING, "supervisor_pid": None, "qemu_pid": None, "started": None,
+                "finished": None, "exit_code": None, "error": None, "memory_mib": None,
+                "cpus": None}
+    FACTORIES = {"ports": list, "options": dict}  # a fresh value for each record
+    __hash__ = None  # type: ignore[assignment]  (mutable lists inside)
 
     name: str
     id: str
@@ -63,52 +70,6 @@ class VMRecord:
     cpus: int | None
     ports: list[str]  # published, "127.0.0.1:8080->80/tcp"
     options: dict[str, object]  # how to run the workload
-
-    #: every field, in state.json's order; a field without a default must be given
-    FIELDS = ("name", "id", "image", "command", "created", "status", "supervisor_pid",
-              "qemu_pid", "started", "finished", "exit_code", "error", "memory_mib", "cpus",
-              "ports", "options")
-    _DEFAULTS: dict[str, object] = {
-        "status": STARTING, "supervisor_pid": None, "qemu_pid": None, "started": None,
-        "finished": None, "exit_code": None, "error": None, "memory_mib": None, "cpus": None}
-    _FACTORIES = {"ports": list, "options": dict}  # a fresh value for each record
-    __slots__ = FIELDS
-
-    def __init__(self, **fields: object) -> None:
-        unknown = fields.keys() - set(self.FIELDS)
-        if unknown:
-            raise TypeError(f"VMRecord got unknown fields {sorted(unknown)}")
-        for name in self.FIELDS:
-            if name in fields:
-                value = fields[name]
-            elif name in self._DEFAULTS:
-                value = self._DEFAULTS[name]
-            elif name in self._FACTORIES:
-                value = self._FACTORIES[name]()
-            else:
-                raise TypeError(f"VMRecord needs the field {name!r}")
-            object.__setattr__(self, name, value)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"VMRecord is immutable: use replace(), not .{name} = ...")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError("VMRecord is immutable")
-
-    def as_dict(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.FIELDS}
-
-    def replace(self, **changes: object) -> VMRecord:
-        return VMRecord(**{**self.as_dict(), **changes})
-
-    def __eq__(self, other: object) -> bool:
-        return self.as_dict() == other.as_dict() if isinstance(other, VMRecord) else \
-            NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  (mutable lists inside, as with the dataclass)
-
-    def __repr__(self) -> str:
-        return "VMRecord(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
 
     def to_json(self) -> bytes:
         import json  # here, not at the top: `ps` in a home without VMs never needs it

@@ -7,7 +7,6 @@ verified layer locations), ``ensure_rootfs`` turns it into a cached squashfs fil
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ..home import Home
 from .model import Image, ImageConfig, Layer
@@ -17,7 +16,7 @@ __all__ = ["Image", "ImageConfig", "Layer", "open_image", "ensure_rootfs", "empt
 
 def open_image(ref: str, home: Home, *, pull: str = "never", platform: str | None = None,
                insecure_registries: tuple[str, ...] = (), ca_file: str | None = None,
-               progress: Any = None) -> Image:
+               progress: object = None) -> Image:
     """Resolve ``ref``: a local OCI layout / oci-archive / docker-archive as it is, else a
     registry image by docker's ``--pull`` policy (``never``, the default here: the local
     store only, no network; ``missing``; ``always``). The one way images are opened."""

@@ -17,11 +17,11 @@ import base64
 import binascii
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AuthError
 from ..home import atomic_write_bytes, file_lock
+from ..record import Record
 from .reference import DEFAULT_REGISTRY, DOCKER_HUB_API_HOST
 
 CONFIG_MAX = 1 << 20  # a config.json bigger than this is not one we wrote or should trust
@@ -31,8 +31,9 @@ HELPER_TIMEOUT_S = 30
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(Record):
+    __slots__ = ("username", "password")
+
     username: str
     password: str
 

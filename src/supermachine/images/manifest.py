@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Any
 
 from ..errors import ImageError
+from ..record import Record
 from .model import ImageConfig
 from .verify import check_digest
 
@@ -64,11 +63,13 @@ MAX_STRING = 128 << 10  # one string of the config
 MAX_JSON_DEPTH = 64
 
 
-@dataclass(frozen=True)
-class Platform:
+class Platform(Record):
+    __slots__ = ("os", "architecture", "variant")
+    DEFAULTS = {"variant": ""}
+
     os: str
     architecture: str
-    variant: str = ""
+    variant: str
 
     def __str__(self) -> str:
         s = f"{self.os}/{self.architecture}"
@@ -89,13 +90,15 @@ def _norm_variant(p: Platform) -> str:
     return p.variant
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(Record):
+    __slots__ = ("media_type", "digest", "size", "platform", "annotations")
+    DEFAULTS = {"platform": None, "annotations": ()}
+
     media_type: str
     digest: str
     size: int
-    platform: Platform | None = None
-    annotations: tuple[tuple[str, str], ...] = ()
+    platform: Platform | None
+    annotations: tuple[tuple[str, str], ...]
 
     def annotation(self, key: str) -> str | None:
         for k, v in self.annotations:
@@ -104,8 +107,9 @@ class Descriptor:
         return None
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(Record):
+    __slots__ = ("media_type", "config", "layers")
+
     media_type: str
     config: Descriptor
     layers: tuple[Descriptor, ...]
@@ -167,8 +171,8 @@ def select_platform(descriptors: list[Descriptor], platform: str | None) -> Desc
 # JSON helpers ----------------------------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
             raise ImageError(f"duplicate JSON key {k[:64]!r}; the image metadata is ambiguous")
@@ -200,7 +204,7 @@ def _depth_ok(data: bytes) -> bool:
     return True
 
 
-def load_json(data: bytes, what: str, cap: int) -> dict[str, Any]:
+def load_json(data: bytes, what: str, cap: int) -> dict[str, object]:
     if len(data) > cap:
         raise ImageError(f"{what} is {len(data)} bytes, over the {cap}-byte limit")
     if not _depth_ok(data):
@@ -216,7 +220,7 @@ def load_json(data: bytes, what: str, cap: int) -> dict[str, Any]:
     return obj
 
 
-def _str(obj: dict[str, Any], key: str, what: str, *, required: bool = False) -> str:
+def _str(obj: dict[str, object], key: str, what: str, *, required: bool = False) -> str:
     v = obj.get(key)
     if v is None:
         if required:
@@ -227,7 +231,7 @@ def _str(obj: dict[str, Any], key: str, what: str, *, required: bool = False) ->
     return v
 
 
-def _int(obj: dict[str, Any], key: str, what: str, cap: int) -> int:
+def _int(obj: dict[str, object], key: str, what: str, cap: int) -> int:
     v = obj.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > cap:
         raise ImageError(f"{what} field {key!r} must be an integer 0..{cap}; the image is corrupt")
@@ -245,7 +249,7 @@ def _str_list(v: object, key: str, what: str) -> tuple[str, ...]:
     return tuple(v)
 
 
-def _str_map(v: object, key: str, what: str) -> dict[str, Any]:
+def _str_map(v: object, key: str, what: str) -> dict[str, object]:
     if v is None:
         return {}
     if not isinstance(v, dict) or len(v) > MAX_ARGS:
@@ -282,7 +286,7 @@ def parse_descriptor(obj: object, what: str, max_size: int) -> Descriptor:
     return Descriptor(media_type, digest, size, plat, tuple(sorted(ann.items())))
 
 
-def _check_schema(obj: dict[str, Any], what: str) -> None:
+def _check_schema(obj: dict[str, object], what: str) -> None:
     if obj.get("schemaVersion") != 2:
         raise ImageError(f"{what} has unsupported schemaVersion {obj.get('schemaVersion')!r}")
 

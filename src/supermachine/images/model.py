@@ -6,42 +6,48 @@ all construct and consume the same objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
+from ..record import Record
 from .verify import VerifiedReader
 
 
-@dataclass(frozen=True)
-class ImageConfig:
+class ImageConfig(Record):
     """The runtime defaults from an image config's ``config`` object, already validated."""
 
-    entrypoint: tuple[str, ...] = ()
-    cmd: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
-    working_dir: str = ""
-    user: str = ""
-    exposed_ports: tuple[str, ...] = ()
-    labels: tuple[tuple[str, str], ...] = ()
-    stop_signal: str = ""
+    __slots__ = ("entrypoint", "cmd", "env", "working_dir", "user", "exposed_ports", "labels",
+                 "stop_signal")
+    DEFAULTS = {"entrypoint": (), "cmd": (), "env": (), "working_dir": "", "user": "",
+                "exposed_ports": (), "labels": (), "stop_signal": ""}
+
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...]
+    env: tuple[str, ...]
+    working_dir: str
+    user: str
+    exposed_ports: tuple[str, ...]
+    labels: tuple[tuple[str, str], ...]
+    stop_signal: str
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(Record):
     """One layer blob, located as a byte range of a file on disk.
 
     ``path``/``offset`` let the same record point at a blob file in a layout or the home
     store (offset 0) or at a member inside an uncompressed tar archive, without copying.
     """
 
+    __slots__ = ("digest", "media_type", "size", "path", "offset")
+    DEFAULTS = {"offset": 0}
+    UNCOMPARED = ("path", "offset")
+
     digest: str
     media_type: str
     size: int
-    path: Path = field(compare=False)
-    offset: int = field(default=0, compare=False)
+    path: Path
+    offset: int
 
-    def open(self) -> BinaryIO:
+    def open(self) -> VerifiedReader:
         """Raw blob bytes (compressed as stored), hashed while read.
 
         Reading to the end raises DigestMismatch if the bytes are not what ``digest`` names;
@@ -50,8 +56,10 @@ class Layer:
         return VerifiedReader.open(self.path, self.offset, self.size, self.digest)
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(Record):
+    __slots__ = ("source", "name", "config_digest", "manifest_digest", "config", "layers", "os",
+                 "architecture")
+
     source: str  # what the user typed
     name: str  # display name
     config_digest: str  # "sha256:<hex>" of the config bytes: the rootfs cache key

@@ -7,12 +7,13 @@ nothing. Downloads call in from several threads, so every method takes the lock.
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TextIO
+
+from ..record import Record
 
 REDRAW_INTERVAL_S = 0.1
 
@@ -54,19 +55,22 @@ class Progress:
 NullProgress = Progress
 
 
-@dataclass
-class _Layer:
+class _Layer(Record):
+    __slots__ = ("size", "done", "fetched", "started", "status")
+    DEFAULTS = {"done": 0, "fetched": 0, "started": None, "status": "Waiting"}
+    FROZEN = False
+
     size: int
-    done: int = 0
-    fetched: int = 0  # bytes transferred in this process, for the rate
-    started: float | None = None
-    status: str = "Waiting"
+    done: int
+    fetched: int  # bytes transferred in this process, for the rate
+    started: float | None
+    status: str
 
 
 class _Tracker(Progress):
     """Shared bookkeeping for the two visible displays."""
 
-    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, stream: io.TextIOBase, clock: Callable[[], float] = time.monotonic) -> None:
         self._out = stream
         self._clock = clock
         self._lock = threading.Lock()
@@ -162,7 +166,7 @@ class LineProgress(_Tracker):
 class TerminalProgress(_Tracker):
     """A terminal: the layer lines and a total line, redrawn in place."""
 
-    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, stream: io.TextIOBase, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(stream, clock)
         self._drawn = 0  # lines of the block currently on screen
         self._last = float("-inf")
@@ -203,7 +207,7 @@ class TerminalProgress(_Tracker):
                 self._draw()
 
 
-def make_progress(stream: TextIO | None = None, *, quiet: bool = False) -> Progress:
+def make_progress(stream: io.TextIOBase | None = None, *, quiet: bool = False) -> Progress:
     """The right display for ``stream`` (default stderr): redrawn on a TTY, lines otherwise."""
     if quiet:
         return NullProgress()

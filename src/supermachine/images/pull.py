@@ -1,7 +1,7 @@
 """Pull images from registries into the shared blob store, and open pulled images offline.
 
-A pull: resolve the reference to a manifest (choosing a platform from an index), fetch the
-config, then download the missing layers concurrently. Every blob is size- and
+A pull: resolve the reference to a manifest (choosing a platform from an index), then store
+it, fetch the config and download the missing layers side by side. Every blob is size- and
 digest-checked before it is renamed into ``home.blobs``; downloads in progress live in
 ``.partial-<hex>`` files next to the store and are continued with Range requests by the
 next pull. Last of all a ref record (reference -> manifest digest) is written, so a pulled
@@ -14,12 +14,12 @@ loses blobs to a concurrent garbage collection.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 from ..errors import DigestMismatch, ImageError
 from ..home import Home, file_lock
@@ -29,6 +29,7 @@ from .manifest import (
     MANIFEST_TYPES,
     MAX_CONFIG_BYTES,
     Descriptor,
+    Manifest,
     parse_config,
     parse_index,
     parse_manifest,
@@ -42,7 +43,7 @@ from .reference import Reference, parse_reference
 from .registry import RegistryClient, TransientError, backoff
 from .verify import verify_bytes
 
-PullPolicy = Literal["always", "missing", "never"]
+PullPolicy = str  # docker's --pull: "always", "missing" or "never" (no typing import)
 ATTEMPTS = 3  # per blob; each retry resumes where the last one stopped
 WRITE_CHUNK = 1 << 20
 
@@ -265,34 +266,61 @@ class _Puller:
                 "the registry sent corrupt or tampered content"
             )
 
-    def fetch_layers(self, layers: tuple[Descriptor, ...], max_concurrent: int) -> None:
-        unique = list({d.digest: d for d in layers}.values())
-        for d in unique:
+    def fetch_blobs(self, manifest_digest: str, manifest_bytes: bytes, manifest: Manifest,
+                    max_concurrent: int) -> bytes:
+        """Store the manifest, fetch the config (returned) and the layers the store lacks,
+        side by side: the manifest's and config's fsyncs and the config's round trip overlap
+        the layer downloads instead of preceding them."""
+        layers = list({d.digest: d for d in manifest.layers}.values())
+        for d in layers:
             self.progress.layer_add(d.digest, d.size)
-        if len(unique) == 1:
-            # One layer: this thread fetches it. No pool to start, and no import of
-            # concurrent.futures (and the logging it imports): ~15 ms of a small pull.
-            self.fetch_layer(unique[0])
-            return
-        import concurrent.futures
+        config: list[bytes] = []
+        jobs = [lambda: _store_bytes(self.home, manifest_digest, manifest_bytes),
+                lambda: config.append(self.fetch_config(manifest.config))]
+        jobs += [lambda d=d: self.fetch_layer(d) for d in layers]
+        run_jobs(jobs, max(1, max_concurrent), self.cancel)
+        return config[0]
 
-        workers = max(1, min(max_concurrent, len(unique)))
-        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sm-pull")
-        try:
-            futures = [pool.submit(self.fetch_layer, d) for d in unique]
-            first_error: BaseException | None = None
-            for fut in concurrent.futures.as_completed(futures):
-                err = fut.exception()
-                if err is not None and not isinstance(err, _Cancelled) and first_error is None:
-                    first_error = err
-                    self.cancel.set()
-            if first_error is not None:
-                raise first_error
-        except BaseException:
-            self.cancel.set()  # Ctrl-C lands here: workers stop at their next chunk
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+
+def run_jobs(jobs: list[Callable[[], object]], workers: int, cancel: threading.Event) -> None:
+    """Run ``jobs`` on up to ``workers`` threads, the calling one among them; every thread
+    started here is joined before this returns. The first failure sets ``cancel`` (the
+    other jobs stop at their next chunk) and is raised once all have stopped; a signal's
+    SystemExit or KeyboardInterrupt comes first. Plain threads, not concurrent.futures:
+    that imports logging, ~15 ms of a small pull."""
+    pending = list(reversed(jobs))
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        while not cancel.is_set():
+            with lock:
+                if not pending:
+                    return
+                job = pending.pop()
+            try:
+                job()
+            except BaseException as e:  # raised below, once every job has stopped
+                with lock:
+                    failures.append(e)
+                cancel.set()
+
+    helpers = [threading.Thread(target=work, name=f"sm-pull-{i}", daemon=True)
+               for i in range(min(workers, len(jobs)) - 1)]
+    for t in helpers:
+        t.start()
+    try:
+        work()
+    except BaseException:
+        cancel.set()  # a signal cut the calling thread's loop: the helpers stop too
+        raise
+    finally:
+        for t in helpers:
+            t.join()
+    if failures:
+        first = next((e for e in failures if not isinstance(e, Exception)), None) or \
+            next((e for e in failures if not isinstance(e, _Cancelled)), failures[0])
+        raise first
 
 
 def pull(
@@ -317,8 +345,7 @@ def pull(
             data, media_type, manifest_digest, index_digest, plat = puller.resolve(platform)
             progress.message(f"{r.familiar}: resolved to {manifest_digest}")
             manifest = parse_manifest(data, media_type)
-            _store_bytes(home, manifest_digest, data)
-            config_bytes = puller.fetch_config(manifest.config)
+            config_bytes = puller.fetch_blobs(manifest_digest, data, manifest, max_concurrent)
             _config, os_, arch = parse_config(config_bytes)
             if not plat:
                 plat = f"{os_}/{arch}"
@@ -328,7 +355,6 @@ def pull(
                     raise ImageError(
                         f"image {ref} is {plat}, not {platform}; pick an image for that platform"
                     )
-            puller.fetch_layers(manifest.layers, max_concurrent)
             size = len(data) + manifest.config.size + sum(d.size for d in manifest.layers)
             store.record_pull(
                 home,
@@ -340,7 +366,8 @@ def pull(
                     index_digest=index_digest,
                     config_digest=manifest.config.digest,
                     size=size,
-                    pulled=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    # datetime's isoformat(timespec="seconds") in UTC, without datetime
+                    pulled=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                     created=store.config_created(config_bytes),
                 ),
             )

@@ -17,9 +17,9 @@ single-component names get the ``library/`` prefix. No tag and no digest means `
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from ..errors import ImageError
+from ..record import Record
 
 DEFAULT_REGISTRY = "docker.io"
 # docker.io is a name, not a server: its API lives on this host.
@@ -42,9 +42,10 @@ _LOOKS_LIKE = re.compile(r"[A-Za-z0-9[][A-Za-z0-9._:/@\[\]-]*")
 _DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
 
-@dataclass(frozen=True)
-class Reference:
+class Reference(Record):
     """A normalised reference: ``registry/repository[:tag][@digest]``."""
+
+    __slots__ = ("registry", "repository", "tag", "digest")
 
     registry: str  # "docker.io", "ghcr.io", "127.0.0.1:5000"
     repository: str  # "library/alpine"

@@ -1,7 +1,8 @@
 """A small OCI Distribution (registry v2) client on the standard library.
 
-http.client + ssl keep CLI start-up cheap (no third-party HTTP stack to import) and give us
-the control we need: bounded reads, Range requests, manual redirects. One client serves one
+HTTP/1.1 is ours (http11.py, connection.py: http.client imports the email package, a fifth
+of a small pull) and gives us the control we need: bounded reads, Range requests, manual
+redirects. ssl is imported on the first HTTPS attempt. One client serves one
 registry and may be shared by threads; each thread borrows a keep-alive connection from a
 small pool.
 
@@ -18,18 +19,17 @@ certificate.
 from __future__ import annotations
 
 import base64
-import http.client
 import ipaddress
 import json
 import socket
-import ssl
+import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from ..errors import AuthError, DigestMismatch, ImageError, RegistryError
+from ..record import Record
 from .auth import (
     Credentials,
     check_login_input,
@@ -37,6 +37,8 @@ from .auth import (
     normalise_registry,
     store_credentials,
 )
+from .connection import Connection
+from .http11 import InvalidRequest, ProtocolError
 from .manifest import ACCEPT
 from .verify import check_digest, sha256_digest
 
@@ -78,8 +80,9 @@ def split_host_port(hostport: str) -> tuple[str, int | None]:
     return hostport, None
 
 
-@dataclass(frozen=True)
-class _Origin:
+class _Origin(Record):
+    __slots__ = ("scheme", "host", "port")
+
     scheme: str
     host: str
     port: int
@@ -105,6 +108,12 @@ class _Origin:
     def netloc(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+def _is_untrusted_certificate(e: BaseException) -> bool:
+    """An ssl.SSLCertVerificationError, without importing ssl where no TLS was tried."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(e, ssl.SSLCertVerificationError)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -156,7 +165,7 @@ class Response:
         self._client = client
         self._origin = origin
         self._conn = conn
-        self._resp: http.client.HTTPResponse = resp
+        self._resp = resp
         self.status: int = resp.status
 
     def header(self, name: str) -> str | None:
@@ -173,7 +182,7 @@ class Response:
             raise ImageError(f"{what} is {self.length} bytes, over the {cap} byte limit")
         try:
             data = self._resp.read(cap + 1)
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ProtocolError) as e:
             self.close(reuse=False)
             raise TransientError(f"connection to {self._origin.display} broke: {e}") from e
         if len(data) > cap:
@@ -186,7 +195,7 @@ class Response:
         while True:
             try:
                 chunk = self._resp.read(size)
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, ProtocolError) as e:
                 self.close(reuse=False)
                 raise TransientError(f"connection to {self._origin.display} broke: {e}") from e
             if not chunk:
@@ -236,9 +245,9 @@ class RegistryClient:
                     from e
         # Built on the first TLS connection: loading the system CA store costs ~30 ms, which
         # a plain-HTTP (loopback) registry never needs.
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = None  # the verifying ssl.SSLContext
         self._lock = threading.Lock()
-        self._pool: dict[_Origin, list[http.client.HTTPConnection]] = {}
+        self._pool: dict[_Origin, list[Connection]] = {}
         self._origin: _Origin | None = None  # decided by the first request
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
         self._challenge: tuple[str, dict[str, str]] | None = None
@@ -249,8 +258,10 @@ class RegistryClient:
         hostport = f"{host}:{port}" if port else host
         return is_loopback(host) or host.lower() in self._insecure or hostport in self._insecure
 
-    def _connect(self, origin: _Origin) -> http.client.HTTPConnection:
+    def _connect(self, origin: _Origin) -> Connection:
         if origin.scheme == "https":
+            import ssl
+
             if origin.host.lower() in self._insecure or origin.netloc in self._insecure:
                 # --insecure-registry means what it means for docker: HTTP, or HTTPS with
                 # an unverified certificate. Loopback alone does not skip verification.
@@ -258,12 +269,12 @@ class RegistryClient:
                 ctx = ssl._create_unverified_context()
             else:
                 ctx = self._verifying_context()
-            return http.client.HTTPSConnection(
-                origin.host, origin.port, timeout=self._timeout, context=ctx
-            )
-        return http.client.HTTPConnection(origin.host, origin.port, timeout=self._timeout)
+            return Connection(origin.host, origin.port, timeout=self._timeout, ssl_context=ctx)
+        return Connection(origin.host, origin.port, timeout=self._timeout)
 
-    def _verifying_context(self) -> ssl.SSLContext:
+    def _verifying_context(self):
+        import ssl
+
         with self._lock:
             if self._ssl is None:
                 try:
@@ -273,14 +284,14 @@ class RegistryClient:
                                         "the path") from e
             return self._ssl
 
-    def _acquire(self, origin: _Origin) -> http.client.HTTPConnection:
+    def _acquire(self, origin: _Origin) -> Connection:
         with self._lock:
             idle = self._pool.get(origin)
             if idle:
                 return idle.pop()
         return self._connect(origin)
 
-    def _release(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
+    def _release(self, origin: _Origin, conn: Connection) -> None:
         with self._lock:
             idle = self._pool.setdefault(origin, [])
             if len(idle) < POOL_MAX:
@@ -300,13 +311,16 @@ class RegistryClient:
         for attempt in range(2):
             conn = self._acquire(origin)
             try:
-                conn.request(method, target, headers=headers)
+                conn.request(method, target, headers)
                 resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            except (ConnectionResetError, BrokenPipeError):  # ConnectionClosed included
                 conn.close()
                 if attempt:
                     raise
                 continue
+            except InvalidRequest as e:
+                conn.close()
+                raise RegistryError(f"cannot send a request to {origin.display}: {e}") from e
             except BaseException:
                 conn.close()
                 raise
@@ -316,7 +330,7 @@ class RegistryClient:
     def _network_error(self, host: str, e: BaseException) -> RegistryError:
         if isinstance(e, socket.gaierror):
             return RegistryError(f"cannot resolve registry host {host}; check the name and network")
-        if isinstance(e, ssl.SSLCertVerificationError):
+        if _is_untrusted_certificate(e):
             return RegistryError(
                 f"TLS certificate of {host} is not trusted ({e.verify_message}); "
                 "pass --ca-file or set SSL_CERT_FILE"
@@ -336,12 +350,12 @@ class RegistryClient:
         try:
             self._send(https, "GET", "/v2/", {}).read_capped(ERROR_BODY_MAX, "registry ping")
             origin = https
-        except (OSError, http.client.HTTPException, ImageError) as e:
+        except (OSError, ProtocolError, ImageError) as e:
             plain_ok = self._allows_http(self._host, self._port)
             if (
                 not plain_ok
-                or isinstance(e, ssl.SSLCertVerificationError | socket.gaierror)
-                or isinstance(e, ImageError)
+                or _is_untrusted_certificate(e)
+                or isinstance(e, socket.gaierror | ImageError)
             ):
                 if isinstance(e, ImageError):
                     raise
@@ -396,7 +410,7 @@ class RegistryClient:
         try:
             resp = self._send(origin, "GET", target, headers)
             body = resp.read_capped(TOKEN_MAX, "token response")
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ProtocolError) as e:
             raise self._network_error(origin.display, e) from e
         if resp.status in (401, 403):
             who = "credentials were rejected" if creds else "anonymous access denied"
@@ -431,7 +445,7 @@ class RegistryClient:
                 send["Authorization"] = auth
             try:
                 resp = self._send(origin, method, target, send)
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, ProtocolError) as e:
                 raise self._network_error(origin.display, e) from e
             if resp.status == 401 and origin == base and not retried_auth:
                 challenge = resp.header("WWW-Authenticate")

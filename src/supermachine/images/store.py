@@ -19,11 +19,11 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ImageError
 from ..home import Home, atomic_write_bytes, file_lock
+from ..record import Record
 from .manifest import parse_manifest, parse_platform, sniff_media_type
 from .reference import Reference, parse_reference
 
@@ -32,9 +32,11 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST_PREFIX = re.compile(r"(?:sha256:)?[0-9a-f]{12,64}")
 
 
-@dataclass(frozen=True)
-class RefEntry:
+class RefEntry(Record):
     """One platform's image under a reference."""
+
+    __slots__ = ("platform", "manifest_digest", "media_type", "index_digest", "config_digest",
+                 "size", "pulled", "created")
 
     platform: str
     manifest_digest: str
@@ -46,9 +48,11 @@ class RefEntry:
     created: str  # the image config's "created", or ""
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(Record):
     """A row of `supermachine images`."""
+
+    __slots__ = ("reference", "name", "platform", "manifest_digest", "config_digest", "size",
+                 "created", "pulled")
 
     reference: str  # canonical: docker.io/library/alpine:3.20
     name: str  # familiar: alpine:3.20
@@ -60,8 +64,9 @@ class ImageInfo:
     pulled: str
 
 
-@dataclass(frozen=True)
-class PruneResult:
+class PruneResult(Record):
+    __slots__ = ("blobs_removed", "bytes_freed")
+
     blobs_removed: int
     bytes_freed: int
 
@@ -146,7 +151,7 @@ def record_pull(home: Home, ref: Reference, entry: RefEntry) -> None:
     path = _record_path(home, ref)
     with file_lock(_ref_lock(home, path)):
         record = _load_record(path) or {"version": 1, "reference": str(ref), "platforms": {}}
-        fields = asdict(entry)
+        fields = entry.as_dict()
         plat = fields.pop("platform")
         record["platforms"][plat] = fields
         data = json.dumps(record, indent=1, sort_keys=True).encode() + b"\n"
