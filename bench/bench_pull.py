@@ -36,6 +36,10 @@ import common
 import tables
 from common import summary
 
+# Issue 10: a small image's pull is fixed costs (process start, imports, round trips) and
+# may take up to 1.2x skopeo's; a big one is bytes, and must not be slower than skopeo.
+TARGET_RATIO = {"busybox": 1.2, "python": 1.0}
+
 
 def ours_pull(host: str, ref: str, min_bytes: int) -> float:
     root = Path(tempfile.mkdtemp(prefix="sm-bench-pull-", dir=common.SCRATCH))
@@ -132,7 +136,7 @@ def main() -> int:
                 ratio = s_ours["median"] / s_skopeo["median"]
                 results["images"][name] = {
                     "image_blob_bytes": image_bytes, "ours": s_ours, "skopeo": s_skopeo,
-                    "ratio_median": ratio, "target_ratio": 1.0,
+                    "ratio_median": ratio, "target_ratio": TARGET_RATIO[name],
                     "samples": {"ours": ours, "skopeo": skopeo},
                     "first_run": {k: summary(v) for k, v in runs.items()},
                     "first_run_samples": runs}

@@ -173,7 +173,8 @@ def bench_pull(r: dict[str, Any]) -> list[Table]:
         pulls += [
             [name, f"{mb:.1f} MB", "supermachine pull", fmt_s(ours["median"]),
              fmt_s(ours["p99"]), f"{mb / ours['median']:.0f}", fmt_x(ratio),
-             "yes" if ratio <= res["target_ratio"] else "NO"],
+             f"<= {res['target_ratio']:.1f}x: " + ("yes" if ratio <= res["target_ratio"]
+                                                   else "NO")],
             [name, f"{mb:.1f} MB", "skopeo copy -> oci:", fmt_s(sk["median"]),
              fmt_s(sk["p99"]), f"{mb / sk['median']:.0f}", fmt_x(1.0), ""]]
         runs += [[name, labels.get(k, k), fmt_s(v["median"]), fmt_s(v["max"]), str(v["n"])]
@@ -182,7 +183,7 @@ def bench_pull(r: dict[str, Any]) -> list[Table]:
         Table(f"pull from a loopback registry into a cold store ({r['reps']} reps each, "
               "which tool goes first alternating, after an untimed warm-up of each)",
               ["image", "size", "puller", "p50", "p99", "MB/s (p50)", "/ skopeo (p50)",
-               "<= 1.0x"], pulls),
+               "target"], pulls),
         Table(f"time to first run of a freshly pulled image (accel {r['machine']['accel']}, "
               "a fresh home each rep)", ["image", "step", "median", "max", "n"], runs),
     ]

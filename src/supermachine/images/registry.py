@@ -12,8 +12,8 @@ credentials) or Basic. Tokens are cached per scope.
 
 Transport: HTTPS, verified against the system CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR`` work
 as for OpenSSL) plus an optional CA file. Plain HTTP only for loopback registries and hosts
-named as insecure, and only after HTTPS failed for a reason other than an untrusted
-certificate.
+named as insecure: on loopback it is asked first, elsewhere only after HTTPS failed for a
+reason other than an untrusted certificate.
 """
 
 from __future__ import annotations
@@ -343,9 +343,16 @@ class RegistryClient:
         return TransientError(f"connection to registry {host} failed: {reason}")
 
     def _base(self) -> _Origin:
-        """The registry's origin: HTTPS, or HTTP where allowed and HTTPS does not work."""
+        """The registry's origin: HTTPS, or HTTP where allowed and HTTPS does not work. On
+        loopback HTTP is asked first (containerd's default resolver speaks plain HTTP to
+        localhost): HTTP is allowed there anyway, and the HTTPS attempt (importing ssl, a
+        context, a handshake) was a tenth of a small pull from a local registry."""
         if self._origin is not None:
             return self._origin
+        http = _Origin("http", self._host, self._port or 80)
+        if is_loopback(self._host) and self._answers_as_registry(http):
+            self._origin = http
+            return http
         https = _Origin("https", self._host, self._port or 443)
         try:
             self._send(https, "GET", "/v2/", {}).read_capped(ERROR_BODY_MAX, "registry ping")
@@ -360,9 +367,19 @@ class RegistryClient:
                 if isinstance(e, ImageError):
                     raise
                 raise self._network_error(self.api_host, e) from e
-            origin = _Origin("http", self._host, self._port or 80)
+            origin = http
         self._origin = origin
         return origin
+
+    def _answers_as_registry(self, origin: _Origin) -> bool:
+        """Whether ``GET /v2/`` at ``origin`` answers as a registry does: 200, or 401 asking
+        for a login. (A TLS server asked in plain HTTP answers 400, or not in HTTP.)"""
+        try:
+            resp = self._send(origin, "GET", "/v2/", {})
+            resp.read_capped(ERROR_BODY_MAX, "registry ping")
+        except (OSError, ProtocolError, ImageError):
+            return False
+        return resp.status in (200, 401)
 
     # -- auth --------------------------------------------------------------------------
 
