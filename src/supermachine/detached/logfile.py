@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 from ..errors import UsageError
 
@@ -20,8 +19,9 @@ MIN_MAX_BYTES = 128 << 10  # above one frame (a 64 KiB payload and its header)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-def rotated(path: Path) -> Path:
-    return path.with_name(path.name + ".1")
+def rotated(path: str | os.PathLike[str]) -> str:
+    """Where ``path``'s previous part goes when it is rotated."""
+    return os.fspath(path) + ".1"
 
 
 def parse_size(text: str) -> int:
@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
 
 
 class LogWriter:
-    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = path
         self.max_bytes = max(max_bytes, MIN_MAX_BYTES)
         self._f = open(path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
@@ -71,7 +71,7 @@ class StderrCap:
     appends what comes through it to ``path``, rotated at ``max_bytes`` like the output log:
     a guest flooding its console through `--verbose` holds at most twice that on disk."""
 
-    def __init__(self, path: Path, max_bytes: int = STDERR_MAX_BYTES) -> None:
+    def __init__(self, path: str | os.PathLike[str], max_bytes: int = STDERR_MAX_BYTES) -> None:
         self._writer = LogWriter(path, max_bytes)
         r, w = os.pipe2(os.O_CLOEXEC)
         os.dup2(w, 2)  # the new fd 2 is inheritable; the pipe's own ends are not

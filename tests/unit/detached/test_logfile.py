@@ -3,6 +3,8 @@ newest output kept."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from supermachine.detached import logfile
@@ -28,7 +30,7 @@ def test_rotates_at_the_cap_and_keeps_the_newest(tmp_path):
         w.write(encode_data(Kind.STDOUT, data))
         written += data
     w.close()
-    rotated = logfile.rotated(log)
+    rotated = Path(logfile.rotated(log))
     assert log.stat().st_size <= cap and rotated.stat().st_size <= cap
     kept = _payloads(rotated, log)  # every file decodes on its own: no frame was split
     assert written.endswith(kept) and len(kept) > cap // 2
@@ -41,7 +43,7 @@ def test_reopening_counts_what_is_there(tmp_path):
     w = logfile.LogWriter(log, logfile.MIN_MAX_BYTES)
     w.write(encode_data(Kind.STDOUT, b"y" * 100_000))  # would pass the cap: rotates first
     w.close()
-    assert _payloads(logfile.rotated(log)) == b"x" * 100_000
+    assert _payloads(Path(logfile.rotated(log))) == b"x" * 100_000
     assert _payloads(log) == b"y" * 100_000
 
 
@@ -79,7 +81,7 @@ cap.close()
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stderr == b""  # nothing reached the original stderr
-    old = logfile.rotated(log)
+    old = Path(logfile.rotated(log))
     assert log.stat().st_size <= logfile.MIN_MAX_BYTES
     assert old.stat().st_size <= logfile.MIN_MAX_BYTES
     assert log.read_bytes().endswith(b"ccthe end\n")  # the newest output, all of it
