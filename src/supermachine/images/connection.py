@@ -133,8 +133,11 @@ class Response:
     def isclosed(self) -> bool:
         return self._done
 
-    def read(self, amt: int = 1 << 62) -> bytes:
-        """Up to ``amt`` bytes of the body (fewer only at its end); b"" once it is read."""
+    def read(self, amt: int | None = None) -> bytes:
+        """Up to ``amt`` bytes of the body (fewer only at its end), or all of the rest;
+        b"" once it is read."""
+        if amt is None:
+            return b"".join(iter(lambda: self.read(READ_BUFFER), b""))
         if self._done or amt <= 0:
             return b""
         file = self._conn._file

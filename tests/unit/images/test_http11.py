@@ -102,6 +102,22 @@ def test_bodies_end_where_their_framing_says(server, answer, body, closes):
     assert (got, will_close) == (body, closes)
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n\r\n" + b"z" * 200_000,  # until the close, read whole
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n30d40\r\n" + b"z" * 200_000
+    + b"\r\n0\r\n\r\n",
+])
+def test_read_without_a_size_reads_the_rest(server, answer):
+    server.scripts.append([answer])
+    conn = Connection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", "/", {})
+        resp = conn.getresponse()
+        assert resp.read(3) == b"zzz" and resp.read() == b"z" * 199_997 and resp.isclosed()
+    finally:
+        conn.close()
+
+
 def test_head_answers_have_no_body(server):
     head, body, _ = fetch(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", "HEAD")
     assert (head.status, head.get("content-length"), body) == (200, "1234", b"")
