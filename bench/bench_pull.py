@@ -11,8 +11,12 @@ What is measured, wall time of whole CLI processes, per image:
   no blobs, no refs) each repetition.
 * baseline: `skopeo copy --src-tls-verify=false docker://REF oci:DIR:latest` into an empty
   directory each repetition (skopeo verifies digests too; its blob-info cache holds no data).
-* One untimed warm-up pull by each tool first (registry page cache, the tools' own binaries
-  and Python modules in the page cache); then N reps, alternating which tool goes first.
+* python floor (reported, no target): bench/pull_floor.py, the least a Python process can
+  do for the same pull (socket, json and hashlib only; the same requests, digest checks
+  and fsyncs; none of a real puller's bounds, auth, locks or resumption): what the
+  interpreter itself costs, so the rest of the gap is ours.
+* One untimed warm-up pull by each first (registry page cache, the tools' own binaries
+  and Python modules in the page cache); then N reps, the order rotating.
 * first run: in an empty store holding only the guest kernel and initramfs (linked; fetching
   the kernel is an install-time step and excluded), `supermachine run --insecure-registry HOST
   REF true`: pull + rootfs build + boot + baking the image's automatic snapshot + restoring
@@ -68,6 +72,21 @@ def skopeo_pull(ref: str, min_bytes: int) -> float:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def floor_pull(host: str, ref: str, min_bytes: int) -> float:
+    """pull_floor.py: the least a Python process can do for the same pull (see there)."""
+    root = Path(tempfile.mkdtemp(prefix="sm-bench-floor-", dir=common.SCRATCH))
+    repository, _, tag = ref.removeprefix(f"{host}/").rpartition(":")
+    try:
+        t = common.run_timed([sys.executable, str(Path(__file__).parent / "pull_floor.py"),
+                              host, repository, tag, str(root)])
+        stored = common.dir_size(root)
+        if stored < min_bytes:
+            raise RuntimeError(f"the python floor stored only {stored} of {min_bytes} bytes")
+        return t.seconds
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def first_run(host: str, ref: str) -> dict[str, float]:
     """One command (run pulls) and the same work as two commands (pull, then run)."""
     out: dict[str, float] = {}
@@ -88,21 +107,21 @@ def first_run(host: str, ref: str) -> dict[str, float]:
     return out
 
 
-def compare_pulls(host: str, ref: str, min_bytes: int, reps: int
-                  ) -> tuple[list[float], list[float]]:
-    """Ours and skopeo, one untimed warm-up each, then alternating which one goes first."""
-    ours_pull(host, ref, min_bytes)
-    skopeo_pull(ref, min_bytes)
-    ours: list[float] = []
-    skopeo: list[float] = []
+def compare_pulls(host: str, ref: str, min_bytes: int, reps: int) -> dict[str, list[float]]:
+    """Ours, skopeo and the python floor: one untimed warm-up each, then reps in which the
+    order rotates, so each sees the same machine."""
+    pullers = {"ours": lambda: ours_pull(host, ref, min_bytes),
+               "skopeo": lambda: skopeo_pull(ref, min_bytes),
+               "floor": lambda: floor_pull(host, ref, min_bytes)}
+    for pull in pullers.values():
+        pull()
+    names = list(pullers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
-        order = ("ours", "skopeo") if rep % 2 == 0 else ("skopeo", "ours")
-        for who in order:
-            if who == "ours":
-                ours.append(ours_pull(host, ref, min_bytes))
-            else:
-                skopeo.append(skopeo_pull(ref, min_bytes))
-    return ours, skopeo
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(pullers[name]())
+    return samples
 
 
 def main() -> int:
@@ -127,17 +146,18 @@ def main() -> int:
                 ref = registry.push(layout, f"bench/{name}")
                 # Both stores hold at least the layers (9/10: a safety margin for layouts
                 # whose config and manifest blobs are a fair part of a tiny image).
-                ours, skopeo = compare_pulls(registry.host, ref, image_bytes * 9 // 10, reps)
+                samples = compare_pulls(registry.host, ref, image_bytes * 9 // 10, reps)
                 runs: dict[str, list[float]] = {}
                 for _ in range(run_reps):
                     for k, v in first_run(registry.host, ref).items():
                         runs.setdefault(k, []).append(v)
-                s_ours, s_skopeo = summary(ours), summary(skopeo)
+                s_ours, s_skopeo = summary(samples["ours"]), summary(samples["skopeo"])
                 ratio = s_ours["median"] / s_skopeo["median"]
                 results["images"][name] = {
                     "image_blob_bytes": image_bytes, "ours": s_ours, "skopeo": s_skopeo,
+                    "floor": summary(samples["floor"]),
                     "ratio_median": ratio, "target_ratio": TARGET_RATIO[name],
-                    "samples": {"ours": ours, "skopeo": skopeo},
+                    "samples": samples,
                     "first_run": {k: summary(v) for k, v in runs.items()},
                     "first_run_samples": runs}
         finally:

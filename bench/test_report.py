@@ -52,7 +52,9 @@ def pull_results() -> dict[str, Any]:
     img = {"image_blob_bytes": 1_100_000, "ours": summ(0.2), "skopeo": summ(0.25),
            "ratio_median": 0.8, "target_ratio": 1.0,
            "first_run": {"run_cold": summ(4.0, 1), "split_pull": summ(0.2, 1)}}
-    return {"reps": 2, "run_reps": 1, "images": {"busybox": img, "python": img}}
+    # a run before the python floor was measured, and one with it
+    return {"reps": 2, "run_reps": 1,
+            "images": {"busybox": img, "python": {**img, "floor": summ(0.1)}}}
 
 
 def exec_results() -> dict[str, Any]:
@@ -342,3 +344,10 @@ def test_repo_readme_has_a_section_per_benchmark() -> None:
     text = (Path(__file__).parent / "README.md").read_text()
     names = {m.group("name") for m in report.SECTION_RE.finditer(text)}
     assert names == set(tables.TABLES)
+
+
+def test_pull_shows_the_python_floor_where_it_was_measured() -> None:
+    rows = tables.bench_pull({**pull_results(), "machine": MACHINE})[0].rows
+    floors = [r for r in rows if r[2].startswith("python floor")]
+    assert [r[0] for r in floors] == ["python"]  # the older-style busybox entry has none
+    assert floors[0][6] == "0.40x"  # its median over skopeo's
