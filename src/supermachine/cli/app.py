@@ -14,8 +14,8 @@ from ..errors import Error, UsageError
 from .common import PROG
 from .interrupts import INTERRUPTS
 
-#: every command and the module (command group) that adds it, in the order `--help` lists
-#: them: a command imports its own group only (each group's COMMANDS says the same, tested)
+#: every command and the module (command group) whose ``add_<command>`` adds its parser,
+#: in the order `--help` lists them: a command imports its own group only
 COMMANDS = {
     "run": "run",
     "pull": "images", "images": "images", "rmi": "images", "prune": "images",
@@ -134,7 +134,7 @@ def build_parser(command: str | None = None,
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
         if command is None or name == command:
-            group(module).COMMANDS[name](sub)
+            getattr(group(module), f"add_{name}")(sub)
     return parser
 
 

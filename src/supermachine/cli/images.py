@@ -52,9 +52,6 @@ def add_logout(sub) -> None:
 
 
 #: this group's commands, in the order `--help` lists them: name -> adds its parser
-COMMANDS = {"pull": add_pull, "images": add_images, "rmi": add_rmi, "prune": add_prune,
-            "login": add_login, "logout": add_logout}
-
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from ..images.pull import pull

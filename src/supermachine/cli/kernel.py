@@ -22,8 +22,6 @@ def add_kernel(sub) -> None:
     k.set_defaults(func=cmd_kernel, logs_nothing=True)
 
 
-COMMANDS = {"kernel": add_kernel}
-
 
 def cmd_kernel(args: argparse.Namespace) -> int:
     from ..guest import kbuild

@@ -25,8 +25,6 @@ def add_run(sub) -> None:
 
 
 #: this group's commands, in the order `--help` lists them: name -> adds its parser
-COMMANDS = {"run": add_run}
-
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     # Defaults are the spec's (spec.py): None here means "not given".

@@ -34,8 +34,6 @@ def add_serve(sub) -> None:
 
 
 #: this group's commands, in the order `--help` lists them: name -> adds its parser
-COMMANDS = {"serve": add_serve}
-
 
 def parse_pool(text: str) -> tuple[str, int]:
     image, sep, count = text.rpartition("=")

@@ -25,8 +25,6 @@ def add_snapshots(sub) -> None:
 
 
 #: this group's commands, in the order `--help` lists them: name -> adds its parser
-COMMANDS = {"snapshot": add_snapshot, "snapshots": add_snapshots}
-
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from ..detached import client, state

@@ -67,9 +67,6 @@ def add_inspect(sub) -> None:
 
 
 #: this group's commands, in the order `--help` lists them: name -> adds its parser
-COMMANDS = {"exec": add_exec, "cp": add_cp, "ps": add_ps, "logs": add_logs, "stop": add_stop,
-            "rm": add_rm, "inspect": add_inspect}
-
 
 def cmd_exec(args: argparse.Namespace) -> int:
     from .. import terminal

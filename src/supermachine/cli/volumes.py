@@ -31,8 +31,6 @@ def add_volume(sub) -> None:
     vol.set_defaults(func=cmd_volume, logs_nothing=True)
 
 
-COMMANDS = {"volume": add_volume}
-
 
 def cmd_volume(args: argparse.Namespace) -> int:
     from ..runtime import volume_store as store
