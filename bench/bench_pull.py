@@ -33,6 +33,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,46 +46,41 @@ from common import summary
 TARGET_RATIO = {"busybox": 1.2, "python": 1.0}
 
 
-def ours_pull(host: str, ref: str, min_bytes: int) -> float:
-    root = Path(tempfile.mkdtemp(prefix="sm-bench-pull-", dir=common.SCRATCH))
+def timed_pull(who: str, argv: Callable[[Path], list[str]], min_bytes: int,
+               stored_in: str = "", env: Callable[[Path], dict[str, str]] | None = None
+               ) -> float:
+    """One pull into a new empty directory (``argv(root)``), timed; it must store at least
+    ``min_bytes`` under ``root/stored_in``. The directory goes afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=f"sm-bench-{who}-", dir=common.SCRATCH))
     try:
-        t = common.run_timed([common.CLI, "pull", "-q", "--insecure-registry", host, ref],
-                             env={"SUPERMACHINE_HOME": str(root)})
-        stored = common.dir_size(root / "blobs") if (root / "blobs").exists() else 0
+        t = common.run_timed(argv(root), env=env(root) if env else None)
+        store = root / stored_in
+        stored = common.dir_size(store) if store.exists() else 0
         if stored < min_bytes:
-            raise RuntimeError(f"supermachine pull stored only {stored} of {min_bytes} bytes")
+            raise RuntimeError(f"{who} stored only {stored} of {min_bytes} bytes")
         return t.seconds
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def ours_pull(host: str, ref: str, min_bytes: int) -> float:
+    return timed_pull("supermachine", lambda root: [common.CLI, "pull", "-q",
+                                                    "--insecure-registry", host, ref],
+                      min_bytes, "blobs", lambda root: {"SUPERMACHINE_HOME": str(root)})
 
 
 def skopeo_pull(ref: str, min_bytes: int) -> float:
-    root = Path(tempfile.mkdtemp(prefix="sm-bench-skopeo-", dir=common.SCRATCH))
-    try:
-        t = common.run_timed(["skopeo", "--insecure-policy", "copy", "-q",
-                              "--src-tls-verify=false", f"docker://{ref}",
-                              f"oci:{root / 'layout'}:latest"])
-        stored = common.dir_size(root)
-        if stored < min_bytes:
-            raise RuntimeError(f"skopeo copied only {stored} of {min_bytes} bytes")
-        return t.seconds
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    return timed_pull("skopeo", lambda root: [
+        "skopeo", "--insecure-policy", "copy", "-q", "--src-tls-verify=false",
+        f"docker://{ref}", f"oci:{root / 'layout'}:latest"], min_bytes)
 
 
 def floor_pull(host: str, ref: str, min_bytes: int) -> float:
     """pull_floor.py: the least a Python process can do for the same pull (see there)."""
-    root = Path(tempfile.mkdtemp(prefix="sm-bench-floor-", dir=common.SCRATCH))
     repository, _, tag = ref.removeprefix(f"{host}/").rpartition(":")
-    try:
-        t = common.run_timed([sys.executable, str(Path(__file__).parent / "pull_floor.py"),
-                              host, repository, tag, str(root)])
-        stored = common.dir_size(root)
-        if stored < min_bytes:
-            raise RuntimeError(f"the python floor stored only {stored} of {min_bytes} bytes")
-        return t.seconds
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    return timed_pull("floor", lambda root: [
+        sys.executable, str(Path(__file__).parent / "pull_floor.py"), host, repository, tag,
+        str(root)], min_bytes)
 
 
 def first_run(host: str, ref: str) -> dict[str, float]:

@@ -186,7 +186,7 @@ def bench_pull(r: dict[str, Any]) -> list[Table]:
                  for k, v in res["first_run"].items()]
     return [
         Table(f"pull from a loopback registry into a cold store ({r['reps']} reps each, "
-              "which tool goes first alternating, after an untimed warm-up of each)",
+              "the order of the pullers rotating, after an untimed warm-up of each)",
               ["image", "size", "puller", "p50", "p99", "MB/s (p50)", "/ skopeo (p50)",
                "target"], pulls),
         Table(f"time to first run of a freshly pulled image (accel {r['machine']['accel']}, "
