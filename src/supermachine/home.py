@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import Error
-from .locations import home_root
+from .locations import VMS, home_root
 from .locations import lock_held as lock_held  # re-exported: callers import it from here
 
 
@@ -106,7 +106,7 @@ class Home:
 
     @property
     def vms(self) -> Path:
-        return self._dir("vms")
+        return self._dir(VMS)
 
     @property
     def tmp(self) -> Path:

@@ -7,6 +7,10 @@ from __future__ import annotations
 import fcntl
 import os
 
+#: the home's directory of detached VMs (``Home.vms``), named here for the commands that
+#: reach it without building a Home (`ps`, `exec`, ...)
+VMS = "vms"
+
 
 def home_root() -> str:
     """$SUPERMACHINE_HOME, else $XDG_CACHE_HOME/supermachine, else ~/.cache/supermachine."""

@@ -21,9 +21,9 @@ def home_of(args: argparse.Namespace):
 def vms_of(args: argparse.Namespace) -> str:
     """The detached VMs' directory (``Home.vms``) as a string, without building a Home:
     `ps`, `exec`, `stop` and the rest then never import pathlib."""
-    from ..locations import home_root
+    from ..locations import VMS, home_root
 
-    return os.path.join(os.path.abspath(args.home) if args.home else home_root(), "vms")
+    return os.path.join(os.path.abspath(args.home) if args.home else home_root(), VMS)
 
 
 def notice(message: str) -> None:

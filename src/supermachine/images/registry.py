@@ -2,9 +2,8 @@
 
 HTTP/1.1 is ours (http11.py, connection.py: http.client imports the email package, a fifth
 of a small pull) and gives us the control we need: bounded reads, Range requests, manual
-redirects. ssl is imported on the first HTTPS attempt. One client serves one
-registry and may be shared by threads; each thread borrows a keep-alive connection from a
-small pool.
+redirects. ssl is imported on the first HTTPS attempt. One client serves one registry and
+may be shared by threads; each thread borrows a keep-alive connection from a small pool.
 
 Auth: a request that gets 401 is retried once with credentials chosen by the challenge in
 ``WWW-Authenticate``: Bearer (fetch a token from the realm, Basic-authenticated when we have
