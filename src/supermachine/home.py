@@ -36,15 +36,25 @@ import errno
 import fcntl
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from .errors import Error
 from .locations import VMS, home_root
 from .locations import lock_held as lock_held  # re-exported: callers import it from here
 
+# Paths are strings inside (os.path) and pathlib.Path at the edges: importing pathlib (with
+# urllib.parse, ipaddress and fnmatch) is ~6 ms, a tenth of a small `pull`, whose path
+# (images/pull.py, store.py) uses the string forms only. pathlib is imported by the first
+# caller that asks for a Path.
 
-def default_root() -> Path:
-    return Path(home_root())
+
+def _path(path: str):
+    from pathlib import Path
+
+    return Path(path)
+
+
+def default_root():
+    return _path(home_root())
 
 
 class Home:
@@ -56,12 +66,13 @@ class Home:
 
     __slots__ = ("_root",)
 
-    def __init__(self, root: Path) -> None:
-        self._root = root
+    def __init__(self, root: str | os.PathLike) -> None:
+        self._root = os.path.normpath(os.fspath(root))
 
     @property
-    def root(self) -> Path:
-        return self._root
+    def root(self):
+        """The directory, a pathlib.Path (``dir()`` for the string)."""
+        return _path(self._root)
 
     def __eq__(self, other: object) -> bool:
         return self._root == other._root if isinstance(other, Home) else NotImplemented
@@ -74,79 +85,86 @@ class Home:
 
     @classmethod
     def default(cls) -> Home:
-        return cls(default_root())
+        return cls(home_root())
 
-    def _dir(self, *parts: str) -> Path:
-        path = self.root.joinpath(*parts)
+    def dir(self, *parts: str) -> str:
+        """The directory ``parts`` under the root (the root itself with none), created if
+        missing: a string path."""
+        path = os.path.join(self._root, *parts)
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            os.makedirs(path, exist_ok=True)
         except OSError as e:
             raise Error(f"cannot create {path}: {e.strerror}") from e
         return path
 
     @property
-    def blobs(self) -> Path:
-        return self._dir("blobs", "sha256")
+    def blobs(self):
+        return _path(self.dir("blobs", "sha256"))
 
     @property
-    def refs(self) -> Path:
-        return self._dir("refs")
+    def refs(self):
+        return _path(self.dir("refs"))
 
     @property
-    def rootfs(self) -> Path:
-        return self._dir("rootfs")
+    def rootfs(self):
+        return _path(self.dir("rootfs"))
 
     @property
-    def guest(self) -> Path:
-        return self._dir("guest")
+    def guest(self):
+        return _path(self.dir("guest"))
 
     @property
-    def snapshots(self) -> Path:
-        return self._dir("snapshots")
+    def snapshots(self):
+        return _path(self.dir("snapshots"))
 
     @property
-    def vms(self) -> Path:
-        return self._dir(VMS)
+    def vms(self):
+        return _path(self.dir(VMS))
 
     @property
-    def tmp(self) -> Path:
-        return self._dir("tmp")
+    def tmp(self):
+        return _path(self.dir("tmp"))
 
     @property
-    def downloads(self) -> Path:
+    def downloads(self):
         return self._shared("SUPERMACHINE_DOWNLOADS", "downloads")
 
     @property
-    def kernels(self) -> Path:
+    def kernels(self):
         return self._shared("SUPERMACHINE_KERNELS", "kernels")
 
-    def _shared(self, variable: str, name: str) -> Path:
+    def _shared(self, variable: str, name: str):
         shared = os.environ.get(variable)
         if shared:
-            path = Path(shared).expanduser()
+            path = os.path.expanduser(shared)
             try:
-                path.mkdir(parents=True, exist_ok=True)
+                os.makedirs(path, exist_ok=True)
             except OSError as e:
                 raise Error(f"cannot create {path}: {e.strerror}") from e
-            return path
-        return self._dir(name)
+            return _path(path)
+        return _path(self.dir(name))
 
-    def blob_path(self, digest: str) -> Path:
-        """Path of a blob in the store; ``digest`` must already be validated."""
+    def blob_file(self, digest: str) -> str:
+        """Where a blob lives in the store (a string path); ``digest`` must already be
+        validated."""
         algo, _, hexpart = digest.partition(":")
         if algo != "sha256" or len(hexpart) != 64 or \
                 not all(c in "0123456789abcdef" for c in hexpart):
             raise Error(f"invalid digest {digest!r}")
-        return self.blobs / hexpart
+        return os.path.join(self.dir("blobs", "sha256"), hexpart)
+
+    def blob_path(self, digest: str):
+        """``blob_file`` as a pathlib.Path."""
+        return _path(self.blob_file(digest))
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, shared: bool = False) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing) for the duration of the block.
 
     flock locks die with their process, so a crashed or killed holder never wedges others.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
@@ -156,14 +174,16 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path next to ``final``; on success it is fsynced and renamed into place.
+def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temp path (a string) next to ``final``; on success it is fsynced and renamed
+    into place.
 
     On any exception (Ctrl-C included) the temp file is removed, so no half-written
     entry is ever visible under the final name.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _create_temp(final.parent, f".tmp-{final.name}-", suffix)
+    directory, name = os.path.split(os.fspath(final))
+    os.makedirs(directory or ".", exist_ok=True)
+    tmp_path = _create_temp(directory, f".tmp-{name}-", suffix)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
@@ -171,15 +191,15 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+            os.unlink(tmp_path)
         raise
 
 
-def _create_temp(directory: Path, prefix: str, suffix: str) -> Path:
+def _create_temp(directory: str, prefix: str, suffix: str) -> str:
     """A new empty file (0600) with a random name, as tempfile.mkstemp makes one: not
     tempfile itself, which imports shutil, bz2, lzma and random (~6 ms of a small pull)."""
     for _ in range(100):
-        path = directory / f"{prefix}{os.urandom(6).hex()}{suffix}"
+        path = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}{suffix}")
         try:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         except FileExistsError:
@@ -188,13 +208,14 @@ def _create_temp(directory: Path, prefix: str, suffix: str) -> Path:
     raise FileExistsError(f"no free temporary name in {directory}")
 
 
-def atomic_write_bytes(final: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(final: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
     with atomic_path(final) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.chmod(tmp, mode)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
     import hashlib  # here, not at the top: ~5 ms (OpenSSL) that `ps` and `--help` never use
 
@@ -226,7 +247,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-def disk_full_message(e: OSError, what: Path) -> str:
+def disk_full_message(e: OSError, what: str | os.PathLike) -> str:
     if e.errno == errno.ENOSPC:
         return f"out of disk space while writing {what}; free some space (try `supermachine prune`)"
     return f"cannot write {what}: {e.strerror or e}"

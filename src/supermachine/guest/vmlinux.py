@@ -123,6 +123,6 @@ def ensure_vmlinux(vmlinuz: Path) -> Path | None:
             # this code's version, so a newer version tries again.
             failed.touch()
             return None
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(elf)
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            f.write(elf)
     return target

@@ -6,8 +6,6 @@ verified layer locations), ``ensure_rootfs`` turns it into a cached squashfs fil
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..home import Home
 from .model import Image, ImageConfig, Layer
 
@@ -32,8 +30,9 @@ def open_image(ref: str, home: Home, *, pull: str = "never", platform: str | Non
                         progress=progress)
 
 
-def ensure_rootfs(image: Image, home: Home) -> Path:
-    """Path of the image's squashfs root filesystem, built once and cached by config digest."""
+def ensure_rootfs(image: Image, home: Home):
+    """The pathlib.Path of the image's squashfs root filesystem, built once and cached by
+    config digest. (pathlib is not imported here: see home.py.)"""
     from .rootfs import ensure_rootfs as _ensure
 
     return _ensure(image, home)

@@ -13,11 +13,9 @@ and prints ``{"Username": ..., "Secret": ...}``; ``store`` reads that JSON plus
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import os
-from pathlib import Path
 
 from ..errors import AuthError
 from ..home import atomic_write_bytes, file_lock
@@ -41,9 +39,11 @@ class Credentials(Record):
         return f"Credentials(username={self.username!r}, password=***)"
 
 
-def config_path() -> Path:
+def config_path() -> str:
+    """docker's config file: ``$DOCKER_CONFIG/config.json``, else ``~/.docker/``'s. (A
+    string: pathlib is not imported on a pull's path, see home.py.)"""
     base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    return Path(base) / "config.json"
+    return os.path.join(base, "config.json")
 
 
 def _server_key(registry: str) -> str:
@@ -60,7 +60,7 @@ def _normalise_key(key: str) -> str:
     return DEFAULT_REGISTRY if host in ("index.docker.io", DOCKER_HUB_API_HOST) else host
 
 
-def load_config(path: Path | None = None) -> dict:
+def load_config(path: str | os.PathLike | None = None) -> dict:
     path = path or config_path()
     try:
         with open(path, "rb") as f:
@@ -90,6 +90,8 @@ def _decode_auth(entry: object, where: str) -> Credentials | None:
     auth = entry.get("auth")
     if not isinstance(auth, str) or not auth:
         return None
+    import base64  # here: a pull from a registry that asks no login never decodes one
+
     try:
         user, sep, password = base64.b64decode(auth, validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError, ValueError) as e:
@@ -140,7 +142,7 @@ def _helper_get(helper: str, registry: str) -> Credentials | None:
     return Credentials(user, secret)
 
 
-def get_credentials(registry: str, path: Path | None = None) -> Credentials | None:
+def get_credentials(registry: str, path: str | os.PathLike | None = None) -> Credentials | None:
     """Credentials for ``registry`` (as in Reference.registry), or None for anonymous access.
 
     Order as docker: a per-registry credHelper, else the credsStore, else ``auths``.
@@ -166,7 +168,7 @@ def get_credentials(registry: str, path: Path | None = None) -> Credentials | No
     return None
 
 
-def _save(path: Path, config: dict) -> None:
+def _save(path: str | os.PathLike, config: dict) -> None:
     data = (json.dumps(config, indent="\t") + "\n").encode()
     try:
         # 0600: the file holds (base64, not encrypted) passwords.
@@ -175,10 +177,11 @@ def _save(path: Path, config: dict) -> None:
         raise AuthError(f"cannot write {path}: {e.strerror}") from e
 
 
-def store_credentials(registry: str, creds: Credentials, path: Path | None = None) -> None:
+def store_credentials(registry: str, creds: Credentials,
+                      path: str | os.PathLike | None = None) -> None:
     """Save credentials where docker would: the registry's helper, the credsStore, or auths."""
     path = path or config_path()
-    with file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(f"{path}.lock"):
         config = load_config(path)
         helper = _helper_for(config, registry)
         key = _server_key(registry)
@@ -191,7 +194,8 @@ def store_credentials(registry: str, creds: Credentials, path: Path | None = Non
             auths = config["auths"] = {}
         for old in [k for k in auths if _normalise_key(k) == registry]:
             del auths[old]
-        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        token = binascii.b2a_base64(f"{creds.username}:{creds.password}".encode(),
+                                    newline=False).decode()
         auths[key] = {"auth": token}
         _save(path, config)
 
@@ -206,10 +210,10 @@ def _helper_for(config: dict, registry: str) -> str | None:
     return store if isinstance(store, str) and store else None
 
 
-def erase_credentials(registry: str, path: Path | None = None) -> bool:
+def erase_credentials(registry: str, path: str | os.PathLike | None = None) -> bool:
     """Forget credentials for ``registry``; True if any were removed from the file."""
     path = path or config_path()
-    with file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(f"{path}.lock"):
         config = load_config(path)
         helper = _helper_for(config, registry)
         if helper:
@@ -233,7 +237,7 @@ def normalise_registry(registry: str) -> str:
 
 
 def save_login(registry: str, username: str, password: str,
-               config_path: Path | None = None) -> None:
+               config_path: str | os.PathLike | None = None) -> None:
     """Save credentials for ``registry`` (checked against it first by `registry.login`)."""
     check_login_input(username, password)
     store_credentials(normalise_registry(registry), Credentials(username, password), config_path)
@@ -246,6 +250,6 @@ def check_login_input(username: str, password: str) -> None:
         raise AuthError("password must not be empty")
 
 
-def logout(registry: str, config_path: Path | None = None) -> bool:
+def logout(registry: str, config_path: str | os.PathLike | None = None) -> bool:
     """Remove saved credentials; False when there were none."""
     return erase_credentials(normalise_registry(registry), config_path)

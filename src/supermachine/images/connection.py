@@ -6,11 +6,16 @@ end and the server keeps it open.
 TLS: pass an ``ssl.SSLContext``; the socket is wrapped with the host as SNI name (the
 context decides whether the certificate and name are checked). ssl is imported by whoever
 builds the context, never here.
+
+Plain connections use ``_socket``, the C module under ``socket``: importing socket (its
+enums, selectors) is ~4.5 ms of a small pull, and a plain connection needs none of it. ssl
+wraps only ``socket.socket`` objects, so a TLS connection makes one of the same descriptor.
 """
 
 from __future__ import annotations
 
-import socket
+import _socket
+import io
 
 from .http11 import (
     CHUNKED,
@@ -35,6 +40,39 @@ class ConnectionClosed(ConnectionResetError):
     """The server closed the connection before it answered (a stale kept-alive one)."""
 
 
+class _SocketReader(io.RawIOBase):
+    """A ``_socket.socket`` as a raw stream, for the buffered reader over it (what
+    ``socket.makefile("rb")`` gives, without importing socket). Timeouts raise
+    TimeoutError, as from the socket itself."""
+
+    def __init__(self, sock) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        return self._sock.recv_into(buf)
+
+
+def _connect(host: bytes | str, port: int, timeout: float):
+    """A ``_socket.socket`` connected to the first address of ``host`` that answers (as
+    socket.create_connection does): each address is tried within ``timeout``."""
+    last: OSError | None = None
+    for family, kind, proto, _name, address in _socket.getaddrinfo(
+            host, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            last = e
+    raise last or OSError(f"no address for {host!r}")
+
+
 class Connection:
     """A lazily opened connection to ``host:port``."""
 
@@ -43,23 +81,26 @@ class Connection:
         self.port = port
         self._timeout = timeout
         self._ssl = ssl_context
-        self._sock: socket.socket | None = None
-        self._file = None  # a buffered reader over the socket
+        self._sock = None  # a _socket.socket, or an ssl.SSLSocket
+        self._file: io.BufferedReader | None = None
         self._method = ""
 
     def _open(self) -> None:
         # An ASCII name goes to getaddrinfo and to ssl as bytes: as str it is IDNA-encoded
         # first, and that codec's import (unicodedata, stringprep) is 2 ms of a small pull.
         host = self.host.encode() if self.host.isascii() else self.host
-        sock = socket.create_connection((host, self.port), self._timeout)
-        try:
-            if self._ssl is not None:
-                sock = self._ssl.wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
+        sock = _connect(host, self.port, self._timeout)
+        if self._ssl is not None:
+            import socket  # ssl's import has already paid for it
+
+            try:
+                sock = self._ssl.wrap_socket(socket.socket(fileno=sock.detach()),
+                                             server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
         self._sock = sock
-        self._file = sock.makefile("rb", buffering=READ_BUFFER)
+        self._file = io.BufferedReader(_SocketReader(sock), READ_BUFFER)
 
     def request(self, method: str, target: str, headers: dict[str, str]) -> None:
         """Send a request head (no body); the answer comes from `getresponse`."""

@@ -6,7 +6,7 @@ all construct and consume the same objects.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from ..record import Record
 from .verify import VerifiedReader
@@ -44,7 +44,7 @@ class Layer(Record):
     digest: str
     media_type: str
     size: int
-    path: Path
+    path: str | os.PathLike
     offset: int
 
     def open(self) -> VerifiedReader:

@@ -7,9 +7,9 @@ nothing. Downloads call in from several threads, so every method takes the lock.
 
 from __future__ import annotations
 
+import _thread
 import io
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -73,7 +73,7 @@ class _Tracker(Progress):
     def __init__(self, stream: io.TextIOBase, clock: Callable[[], float] = time.monotonic) -> None:
         self._out = stream
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()  # threading's Lock, without its import
         self._layers: dict[str, _Layer] = {}
         self._t0: float | None = None
 

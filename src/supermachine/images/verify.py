@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
-from pathlib import Path
 
 from ..errors import DigestMismatch, ImageError
 
@@ -54,7 +54,7 @@ class VerifiedReader(io.RawIOBase):
         self._verified = False
 
     @classmethod
-    def open(cls, path: Path, offset: int, size: int, digest: str) -> VerifiedReader:
+    def open(cls, path: str | os.PathLike, offset: int, size: int, digest: str) -> VerifiedReader:
         try:
             f = open(path, "rb")  # noqa: SIM115 - owned by the reader, closed by close()
         except OSError as e:

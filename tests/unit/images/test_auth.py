@@ -41,7 +41,7 @@ def helper(tmp_path, monkeypatch):
 
 
 def test_config_path_follows_docker_config(cfg):
-    assert auth.config_path() == cfg
+    assert auth.config_path() == str(cfg)
 
 
 def test_auths_lookup_and_docker_hub_key(cfg):
