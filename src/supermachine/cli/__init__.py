@@ -1,6 +1,9 @@
 """The `supermachine` command: parsing and printing only; the work is the library's.
 
-    app.py        the parser and main(): errors become one line and an exit status
+    dispatch.py   argv -> a command's code: regular argv parsed without argparse, errors
+                  become one line and an exit status
+    options.py    commands of plain options, declared once for argparse and dispatch
+    app.py        the argparse parser: help, usage errors, every other argv
     run.py        run (attached, -t, -d): options -> VMSpec + WorkloadSpec
     vms.py        exec, cp, ps, logs, stop, rm, inspect: detached VMs
     images.py     pull, images, rmi, prune, login, logout
@@ -34,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = try_forward(args[1:])
         if code is not None:
             return code
+    from . import dispatch
+
+    parsed = dispatch.parse(args)  # the regular argv of some commands: no argparse
+    if parsed is not None:
+        return dispatch.execute(parsed)
     from .app import main as run_command
 
     return run_command(args)

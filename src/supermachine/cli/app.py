@@ -1,6 +1,7 @@
-"""The `supermachine` command line: the parser and `main`, which turns every error into
-one line and an exit status. Each command group lives in its own module and imports what
-it uses when it runs, so `--version`, `--help` and `ps` pay only for what they use."""
+"""The `supermachine` command line's argparse parser: help, usage errors, and every argv
+that dispatch.py does not parse itself. Each command group lives in its own module and
+imports what it uses when it runs, so `--version`, `--help` and `ps` pay only for what
+they use."""
 
 from __future__ import annotations
 
@@ -10,30 +11,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import Error, UsageError
+from ..errors import UsageError
 from .common import PROG
-from .interrupts import INTERRUPTS
-
-#: every command and the module (command group) whose ``add_<command>`` adds its parser,
-#: in the order `--help` lists them: a command imports its own group only
-COMMANDS = {
-    "run": "run",
-    "pull": "images", "images": "images", "rmi": "images", "prune": "images",
-    "login": "images", "logout": "images",
-    "exec": "vms", "cp": "vms", "ps": "vms", "logs": "vms", "stop": "vms", "rm": "vms",
-    "inspect": "vms",
-    "snapshot": "snapshots", "snapshots": "snapshots",
-    "volume": "volumes",
-    "serve": "service",
-    "kernel": "kernel",
-}
-
-
-def group(name: str):
-    """The command group module ``name`` (images, vms, ...), imported now."""
-    import importlib
-
-    return importlib.import_module(f"{__package__}.{name}")
+from .dispatch import COMMANDS, GLOBAL_OPTIONS, execute, group
 
 
 def _help_width() -> int:
@@ -94,8 +74,8 @@ def _run_parser() -> tuple:  # (the parser, a lock); no typing import on the CLI
     return build_parser("run", parser_class=_RaisingParser), threading.Lock()
 
 
-#: the global options that may come before the command (see command_named)
-_GLOBAL_FLAGS = ("--debug", "-v", "--verbose")
+#: the global flags that may come before the command (see command_named)
+_GLOBAL_FLAGS = tuple(f for o in GLOBAL_OPTIONS if not o.value for f in o.flags)
 
 
 def command_named(argv: Sequence[str]) -> str | None:
@@ -125,12 +105,8 @@ def build_parser(command: str | None = None,
 
     parser = parser_class(prog=PROG, description="Run OCI/Docker images as isolated microVMs.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show boot output, QEMU's command line and tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show boot output")
-    parser.add_argument("--home", metavar="DIR",
-                        help="state and cache directory (default: $SUPERMACHINE_HOME or "
-                             "~/.cache/supermachine)")
+    for option in GLOBAL_OPTIONS:
+        option.add_to(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
         if command is None or name == command:
@@ -145,44 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    # logging costs ~10 ms to import: commands whose code never logs (ps, pull, images, ...;
-    # set_defaults(logs_nothing=True)) set it up only for --debug and --verbose.
-    if not getattr(args, "logs_nothing", False) or args.debug or args.verbose:
-        import logging
-
-        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else \
-            logging.WARNING
-        logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
-    INTERRUPTS.install()  # again, for callers of this main() (tests): installing is idempotent
-    try:
-        status = args.func(args)
-        # A signal killed the VM: whatever the workload's status, the run was interrupted.
-        return INTERRUPTS.exit_code if INTERRUPTS.exit_code is not None else status
-    except Error as e:
-        if INTERRUPTS.exit_code is not None:
-            return INTERRUPTS.exit_code  # the error is the VM dying of the signal
-        if args.debug:
-            raise
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:  # SIGINT raised by code run before main() installed ours
-        if args.debug:
-            raise
-        return 130
-    except BrokenPipeError:
-        return 141
-    except OSError as e:
-        if args.debug:
-            raise
-        print(f"{PROG}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-              file=sys.stderr)
-        return 125
-    except Exception as e:  # a bug of ours: still one line, the traceback is behind --debug
-        if args.debug:
-            raise
-        print(f"{PROG}: internal error: {type(e).__name__}: {e} (run with --debug for "
-              "details)", file=sys.stderr)
-        return 125
+    return execute(args)
 
 
 if __name__ == "__main__":

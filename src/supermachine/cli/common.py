@@ -3,22 +3,21 @@ tables, and the registry options `run` and `pull` both take. Parsing and printin
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from .options import Args, Opt
 
 PROG = "supermachine"
 
 
-def home_of(args: argparse.Namespace):
-    from pathlib import Path
-
+def home_of(args: Args):
     from ..home import Home
 
-    return Home(Path(os.path.abspath(args.home))) if args.home else Home.default()
+    return Home(os.path.abspath(args.home)) if args.home else Home.default()
 
 
-def vms_of(args: argparse.Namespace) -> str:
+def vms_of(args: Args) -> str:
     """The detached VMs' directory (``Home.vms``) as a string, without building a Home:
     `ps`, `exec`, `stop` and the rest then never import pathlib."""
     from ..locations import VMS, home_root
@@ -44,16 +43,23 @@ def print_table(rows: list[tuple[str, ...]], gap: str = "   ") -> None:
         print(gap.join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def add_registry_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                   help="platform to pick from a multi-platform image (default: this host's)")
-    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
-                   help="allow plain HTTP / unverified TLS for this registry")
-    p.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify registries with")
-    p.add_argument("-q", "--quiet", action="store_true", help="no pull progress output")
+REGISTRY_OPTIONS = (
+    Opt("--platform", dest="platform", value=True, metavar="OS/ARCH[/VARIANT]",
+        help="platform to pick from a multi-platform image (default: this host's)"),
+    Opt("--insecure-registry", dest="insecure_registry", repeat=True, metavar="HOST[:PORT]",
+        help="allow plain HTTP / unverified TLS for this registry"),
+    Opt("--ca-file", dest="ca_file", value=True, metavar="PEM",
+        help="CA bundle to verify registries with"),
+    Opt("-q", "--quiet", dest="quiet", help="no pull progress output"),
+)
 
 
-def progress_of(args: argparse.Namespace):
+def add_registry_options(p) -> None:  # an argparse parser
+    for option in REGISTRY_OPTIONS:
+        option.add_to(p)
+
+
+def progress_of(args: Args):
     from ..images.progress import make_progress
 
     return make_progress(sys.stderr, quiet=args.quiet)

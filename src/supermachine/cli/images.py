@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .common import add_registry_options, home_of, print_table, progress_of
+from .common import REGISTRY_OPTIONS, home_of, print_table, progress_of
+from .options import Arg, Args, Command
 
 
 def add_pull(sub) -> None:
-    pull = sub.add_parser("pull", help="download an image from a registry")
-    add_registry_options(pull)
-    pull.add_argument("image", metavar="REF",
-                      help="e.g. alpine, ghcr.io/o/r:tag, host:5000/r@sha256:...")
-    pull.set_defaults(func=cmd_pull, logs_nothing=True)
+    REGULAR["pull"].add_to(sub)
 
 
 def add_images(sub) -> None:
@@ -51,9 +47,7 @@ def add_logout(sub) -> None:
     logout.set_defaults(func=cmd_logout)
 
 
-#: this group's commands, in the order `--help` lists them: name -> adds its parser
-
-def cmd_pull(args: argparse.Namespace) -> int:
+def cmd_pull(args: Args) -> int:
     from ..images.pull import pull
 
     image = pull(args.image, home_of(args), platform=args.platform,
@@ -63,7 +57,17 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_images(args: argparse.Namespace) -> int:
+#: this group's commands that dispatch.py parses without argparse (options.py)
+REGULAR = {
+    "pull": Command("pull", help="download an image from a registry",
+                    options=REGISTRY_OPTIONS,
+                    args=(Arg("image", metavar="REF",
+                              help="e.g. alpine, ghcr.io/o/r:tag, host:5000/r@sha256:..."),),
+                    func=cmd_pull, logs_nothing=True),
+}
+
+
+def cmd_images(args: Args) -> int:
     from ..images import store
     from ..images.progress import human_size
 
@@ -77,7 +81,7 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rmi(args: argparse.Namespace) -> int:
+def cmd_rmi(args: Args) -> int:
     from ..images import store
 
     home = home_of(args)
@@ -87,7 +91,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def cmd_prune(args: Args) -> int:
     from ..engine import default_engine
     from ..guest import kbuild
     from ..guest.kernel import prune_stale_layouts
@@ -106,7 +110,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_login(args: argparse.Namespace) -> int:
+def cmd_login(args: Args) -> int:
     from ..images import registry
 
     if args.password_stdin:
@@ -123,7 +127,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_logout(args: argparse.Namespace) -> int:
+def cmd_logout(args: Args) -> int:
     from ..images import auth
 
     if auth.logout(args.registry):
