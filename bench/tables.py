@@ -185,8 +185,9 @@ def bench_pull(r: dict[str, Any]) -> list[Table]:
         runs += [[name, labels.get(k, k), fmt_s(v["median"]), fmt_s(v["max"]), str(v["n"])]
                  for k, v in res["first_run"].items()]
     return [
-        Table(f"pull from a loopback registry into a cold store ({r['reps']} reps each, "
-              "the order of the pullers rotating, after an untimed warm-up of each)",
+        Table("pull from a loopback registry into a cold store (reps: " + ", ".join(
+            f"{name} {res.get('reps', r['reps'])}" for name, res in r["images"].items()) +
+              "; the order of the pullers rotating, after an untimed warm-up of each)",
               ["image", "size", "puller", "p50", "p99", "MB/s (p50)", "/ skopeo (p50)",
                "target"], pulls),
         Table(f"time to first run of a freshly pulled image (accel {r['machine']['accel']}, "
