@@ -93,11 +93,11 @@ class Connection:
         if self._ssl is not None:
             import socket  # ssl's import has already paid for it
 
+            plain = socket.socket(fileno=sock.detach())
             try:
-                sock = self._ssl.wrap_socket(socket.socket(fileno=sock.detach()),
-                                             server_hostname=host)
+                sock = self._ssl.wrap_socket(plain, server_hostname=host)
             except BaseException:
-                sock.close()
+                plain.close()  # its descriptor, unless ssl took it (and closed it) already
                 raise
         self._sock = sock
         self._file = io.BufferedReader(_SocketReader(sock), READ_BUFFER)
